@@ -1,0 +1,303 @@
+"""The recurrent network: configuration, parameters, structure, initialization and forward pass.
+
+Two discretizations share one parameter set θ = {W_in (N×n_in), W_rec (N×N), b (N), W_out
+(n_out×N), b_out (n_out), s0 (N)}; weights are indexed post × pre.
+
+* ``form="voltage"`` (e-prop / LSNN convention, the paper's released code)::
+
+      u_t = W_rec r_{t-1} + W_in x_t + b + ξ_t
+      v_t = α v_{t-1} + (1-α) u_t,      r_t = φ(v_t),      state s_t = v_t
+
+* ``form="rate"`` (Murray's RFLO / Marschall et al. convention)::
+
+      u_t = W_rec r_{t-1} + W_in x_t + b + ξ_t
+      r_t = α r_{t-1} + (1-α) φ(u_t),                      state s_t = r_t
+
+Both reduce to r_t = φ(W_rec r_{t-1} + W_in x_t + b) when α = 0. The readout is
+y_t = W_out r_t + b_out. ξ_t is optional recurrent noise (σ_rec · standard normal); input noise is
+added to x_t before the step. The initial state s_0 is zero, or the learned vector ``s0``.
+
+**Axis order.** Every public array is batch-major: inputs ``(B, T, n_in)``, activities
+``(B, T, N)``, outputs ``(B, T, n_out)``. The time loop is a ``lax.scan`` over a time-major view.
+
+**Structure.** Non-trainable arrays drawn from the seed live in :class:`Structure`: the
+connectivity mask of W_rec (no self-connections, sparsity), the presynaptic sign of every unit
+(Dale's law) and its cell type. The forward pass always uses ``W_rec ⊙ mask``, so every gradient
+(exact or approximate) vanishes on absent connections.
+
+**Dale's law** is kept by projection: after every optimizer update, :func:`project` sets to zero
+each entry of W_rec whose sign disagrees with its presynaptic unit's sign (column j of W_rec has
+the sign of unit j). Gradients are taken with respect to the weights themselves, so every rule
+computes the same quantity with or without Dale's law; only the update is projected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+FORMS = ("voltage", "rate")
+ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "softplus": jax.nn.softplus}
+LOSSES = ("xent", "mse")
+INITS = ("paper", "identity")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static description of an RNN (hashable: it is a static argument of compiled functions).
+
+    Args:
+        n_in, n_rec, n_out: input, recurrent and output sizes.
+        form: ``"voltage"`` or ``"rate"`` (see the module docstring).
+        alpha: leak α ∈ [0, 1); ``alpha = exp(-dt/tau)``, see :meth:`from_tau`.
+        activation: ``"relu"``, ``"tanh"`` or ``"softplus"``.
+        loss: per-step loss, ``"xent"`` (softmax cross-entropy on integer targets) or ``"mse"``
+            (½‖y − y*‖² on real targets).
+        bias: whether the recurrent layer has a trained bias b (the paper's network has none).
+        self_connections: allow the diagonal of W_rec (the paper's network has none).
+        connectivity: probability that a recurrent connection exists (1 = dense).
+        dale_exc_fraction: if given, Dale's law with this fraction of excitatory units (the first
+            ``round(f·N)`` units are excitatory).
+        cell_types: number of cell types, assigned in contiguous equal blocks. With Dale's law and
+            ``cell_types=1`` the types are excitatory and inhibitory (two types). Used by MDGL.
+        input_noise: standard deviation of Gaussian noise added to every input at every step.
+        rec_noise: standard deviation of Gaussian noise added to the recurrent drive u_t.
+        learn_init_state: learn the initial state s0 (else s0 = 0, not a parameter).
+        init: ``"paper"`` (W_in, W_rec He-normal; W_out Glorot-uniform; biases 0) or
+            ``"identity"`` (as ``"paper"`` but W_rec = I masked, Le et al. 2015).
+    """
+
+    n_in: int
+    n_rec: int
+    n_out: int
+    form: str = "voltage"
+    alpha: float = 0.0
+    activation: str = "relu"
+    loss: str = "xent"
+    bias: bool = True
+    self_connections: bool = False
+    connectivity: float = 1.0
+    dale_exc_fraction: float | None = None
+    cell_types: int = 1
+    input_noise: float = 0.0
+    rec_noise: float = 0.0
+    learn_init_state: bool = False
+    init: str = "paper"
+
+    def __post_init__(self):
+        def bad(field, value, expected):
+            raise ValueError(f"ModelConfig.{field}: expected {expected}, got {value!r}.")
+
+        for f in ("n_in", "n_rec", "n_out"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                bad(f, getattr(self, f), "a positive integer")
+        if self.form not in FORMS:
+            bad("form", self.form, f"one of {FORMS}")
+        if not 0.0 <= self.alpha < 1.0:
+            bad("alpha", self.alpha, "a leak in [0, 1) (alpha = exp(-dt/tau))")
+        if self.activation not in ACTIVATIONS:
+            bad("activation", self.activation, f"one of {tuple(ACTIVATIONS)}")
+        if self.loss not in LOSSES:
+            bad("loss", self.loss, f"one of {LOSSES}")
+        if not 0.0 < self.connectivity <= 1.0:
+            bad("connectivity", self.connectivity, "a probability in (0, 1]")
+        if self.dale_exc_fraction is not None and not 0.0 < self.dale_exc_fraction < 1.0:
+            bad("dale_exc_fraction", self.dale_exc_fraction, "a fraction in (0, 1), or None")
+        if not 1 <= self.cell_types <= self.n_rec:
+            bad("cell_types", self.cell_types, f"an integer in [1, n_rec={self.n_rec}]")
+        if self.input_noise < 0 or self.rec_noise < 0:
+            bad("input_noise/rec_noise", (self.input_noise, self.rec_noise), "non-negative values")
+        if self.init not in INITS:
+            bad("init", self.init, f"one of {INITS}")
+
+    @staticmethod
+    def from_tau(tau: float, dt: float, **kwargs) -> "ModelConfig":
+        """Build a config whose leak is α = exp(−dt/τ)."""
+        return ModelConfig(alpha=math.exp(-dt / tau), **kwargs)
+
+    @property
+    def phi(self) -> Callable:
+        return ACTIVATIONS[self.activation]
+
+    @property
+    def n_exc(self) -> int:
+        if self.dale_exc_fraction is None:
+            return self.n_rec
+        return max(1, min(self.n_rec - 1, round(self.dale_exc_fraction * self.n_rec)))
+
+
+class Params(NamedTuple):
+    """Trainable parameters (a pytree). ``b`` and ``s0`` are ``None`` when not trained."""
+
+    w_in: jax.Array  # (N, n_in)
+    w_rec: jax.Array  # (N, N)
+    b: jax.Array | None  # (N,)
+    w_out: jax.Array  # (n_out, N)
+    b_out: jax.Array  # (n_out,)
+    s0: jax.Array | None  # (N,)
+
+
+class Structure(NamedTuple):
+    """Non-trainable arrays of one network, drawn once from its seed."""
+
+    rec_mask: jax.Array  # (N, N) 1.0 where a connection exists
+    sign: jax.Array  # (N,) presynaptic sign: +1 excitatory, -1 inhibitory (all +1 without Dale)
+    cell_type: jax.Array  # (N,) integer cell type in [0, n_types)
+
+
+def cell_type_count(cfg: ModelConfig) -> int:
+    """Number of distinct cell types of ``cfg`` (2 with Dale's law and ``cell_types=1``)."""
+    if cfg.dale_exc_fraction is not None and cfg.cell_types == 1:
+        return 2
+    return cfg.cell_types
+
+
+def init_structure(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Structure:
+    """Draw the connectivity mask and fix signs and cell types."""
+    n = cfg.n_rec
+    mask = jnp.ones((n, n), dtype)
+    if cfg.connectivity < 1.0:
+        mask = jax.random.bernoulli(key, cfg.connectivity, (n, n)).astype(dtype)
+    if not cfg.self_connections:
+        mask = mask * (1 - jnp.eye(n, dtype=dtype))
+    idx = jnp.arange(n)
+    sign = jnp.where(idx < cfg.n_exc, 1.0, -1.0).astype(dtype)
+    if cfg.dale_exc_fraction is not None and cfg.cell_types == 1:
+        cell_type = (idx >= cfg.n_exc).astype(jnp.int32)
+    else:
+        cell_type = (idx * cfg.cell_types // n).astype(jnp.int32)
+    return Structure(mask, sign, cell_type)
+
+
+def init_params(cfg: ModelConfig, struct: Structure, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Initialize parameters.
+
+    ``"paper"``: W_in ~ N(0, 2/n_in), W_rec ~ N(0, 2/N) (He-normal), W_out ~ Glorot-uniform,
+    b = b_out = s0 = 0. With Dale's law, W_rec takes the magnitudes of the He-normal draw with the
+    presynaptic signs, inhibitory columns scaled by n_exc/n_inh so that the expected input to a unit
+    is balanced. The result is masked and satisfies :func:`project`.
+    """
+    k_in, k_rec, k_out = jax.random.split(key, 3)
+    n = cfg.n_rec
+    w_in = jax.random.normal(k_in, (n, cfg.n_in), dtype) * math.sqrt(2.0 / cfg.n_in)
+    if cfg.init == "identity":
+        w_rec = jnp.eye(n, dtype=dtype)
+    else:
+        w_rec = jax.random.normal(k_rec, (n, n), dtype) * math.sqrt(2.0 / n)
+    if cfg.dale_exc_fraction is not None:
+        balance = jnp.where(struct.sign > 0, 1.0, cfg.n_exc / (n - cfg.n_exc)).astype(dtype)
+        w_rec = jnp.abs(w_rec) * struct.sign[None, :] * balance[None, :]
+    w_rec = w_rec * struct.rec_mask
+    limit = math.sqrt(6.0 / (n + cfg.n_out))
+    w_out = jax.random.uniform(k_out, (cfg.n_out, n), dtype, -limit, limit)
+    zeros = jnp.zeros((n,), dtype)
+    return Params(
+        w_in=w_in,
+        w_rec=w_rec,
+        b=zeros if cfg.bias else None,
+        w_out=w_out,
+        b_out=jnp.zeros((cfg.n_out,), dtype),
+        s0=zeros if cfg.learn_init_state else None,
+    )
+
+
+def init(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> tuple[Params, Structure]:
+    """Draw structure and parameters of one network from ``key``."""
+    k_struct, k_params = jax.random.split(key)
+    struct = init_structure(cfg, k_struct, dtype)
+    return init_params(cfg, struct, k_params, dtype), struct
+
+
+def project(cfg: ModelConfig, params: Params, struct: Structure) -> Params:
+    """Keep W_rec on its constraint set: zero outside the mask, and Dale's signs (by clipping)."""
+    w_rec = params.w_rec * struct.rec_mask
+    if cfg.dale_exc_fraction is not None:
+        w_rec = struct.sign[None, :] * jnp.maximum(struct.sign[None, :] * w_rec, 0.0)
+    return params._replace(w_rec=w_rec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward pass
+
+
+def initial_state(cfg: ModelConfig, params: Params, batch_size: int) -> jax.Array:
+    """s_0 for a batch, shape (B, N)."""
+    if params.s0 is None:
+        return jnp.zeros((batch_size, cfg.n_rec), params.w_rec.dtype)
+    return jnp.broadcast_to(params.s0, (batch_size, cfg.n_rec))
+
+
+def activity(cfg: ModelConfig, s: jax.Array) -> jax.Array:
+    """r from the state: φ(v) for the voltage form, the state itself for the rate form."""
+    return cfg.phi(s) if cfg.form == "voltage" else s
+
+
+def step(
+    cfg: ModelConfig,
+    params: Params,
+    struct: Structure,
+    s_prev: jax.Array,
+    x_t: jax.Array,
+    xi_t: jax.Array | None,
+    recurrent_input: Callable[[jax.Array], jax.Array] = lambda r: r,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One time step on a batch: returns (s_t, r_t, u_t), each (B, N).
+
+    ``recurrent_input`` transforms r_{t-1} where (and only where) it enters the recurrent drive
+    W_rec r_{t-1}; learning rules use it to cut the recurrent path from the gradient graph
+    (``jax.lax.stop_gradient`` gives e-prop's graph). Values are unchanged.
+    """
+    r_prev = activity(cfg, s_prev)
+    u = recurrent_input(r_prev) @ (params.w_rec * struct.rec_mask).T + x_t @ params.w_in.T
+    if params.b is not None:
+        u = u + params.b
+    if xi_t is not None:
+        u = u + xi_t
+    a = cfg.alpha
+    if cfg.form == "voltage":
+        s = a * s_prev + (1 - a) * u
+        r = cfg.phi(s)
+    else:
+        s = a * s_prev + (1 - a) * cfg.phi(u)
+        r = s
+    return s, r, u
+
+
+def run(
+    cfg: ModelConfig,
+    params: Params,
+    struct: Structure,
+    x: jax.Array,
+    xi: jax.Array | None = None,
+    recurrent_input: Callable[[jax.Array], jax.Array] = lambda r: r,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Run the network on a batch.
+
+    Args:
+        x: inputs (B, T, n_in), input noise already added.
+        xi: recurrent noise (B, T, N) or ``None``.
+        recurrent_input: see :func:`step`.
+
+    Returns:
+        (states s, activities r, drives u), each (B, T, N).
+    """
+    s_init = initial_state(cfg, params, x.shape[0])
+    xs = jnp.swapaxes(x, 0, 1)
+    xis = None if xi is None else jnp.swapaxes(xi, 0, 1)
+
+    def body(s_prev, inp):
+        x_t, xi_t = inp
+        s, r, u = step(cfg, params, struct, s_prev, x_t, xi_t, recurrent_input)
+        return s, (s, r, u)
+
+    _, (s, r, u) = jax.lax.scan(body, s_init, (xs, xis))
+    return tuple(jnp.swapaxes(a, 0, 1) for a in (s, r, u))
+
+
+def readout(params: Params, r: jax.Array) -> jax.Array:
+    """y = W_out r + b_out on any leading axes."""
+    return r @ params.w_out.T + params.b_out

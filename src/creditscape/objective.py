@@ -1,0 +1,110 @@
+"""Batches, the masked loss, accuracy, L2, and noise draws.
+
+The loss of a batch of B sequences with per-step mask m (DESIGN.md §2):
+
+    L(θ) = (1/B) Σ_b Σ_t m_{b,t} ℓ(y_{b,t}, y*_{b,t}) / Σ_t m_{b,t}  =  Σ_{b,t} w_{b,t} ℓ_{b,t}
+
+with per-step weights w = m / (B Σ_t m). Writing it as a weighted sum of per-step terms is what
+lets online rules accumulate the gradient step by step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from creditscape import model as _model
+from creditscape.model import ModelConfig, Params, Structure
+
+
+class Batch(NamedTuple):
+    """A batch of sequences (batch-major).
+
+    x: inputs (B, T, n_in). target: integer classes (B, T) for ``"xent"`` or reals
+    (B, T, n_out) for ``"mse"``. mask: (B, T), 1 where the step is scored.
+    """
+
+    x: jax.Array
+    target: jax.Array
+    mask: jax.Array
+
+
+class Noise(NamedTuple):
+    """One draw of the model's noise for a batch: input noise already added to ``x``."""
+
+    x: jax.Array  # (B, T, n_in) noisy inputs
+    xi: jax.Array | None  # (B, T, N) recurrent noise, None when rec_noise = 0
+
+
+def loss_weights(mask: jax.Array) -> jax.Array:
+    """w = m / (B Σ_t m), shape (B, T). A sequence with an all-zero mask gets weight 0."""
+    per_seq = jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+    return mask / (per_seq * mask.shape[0])
+
+
+def step_losses(cfg: ModelConfig, y: jax.Array, target: jax.Array) -> jax.Array:
+    """ℓ(y_t, y*_t) for every step, shape (B, T).
+
+    ``"xent"``: −log softmax(y)[y*], via log-sum-exp (stable for large logits).
+    ``"mse"``: ½ Σ_k (y_k − y*_k)².
+    """
+    if cfg.loss == "xent":
+        logp = jax.nn.log_softmax(y, axis=-1)
+        return -jnp.take_along_axis(logp, target[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return 0.5 * jnp.sum((y - target) ** 2, axis=-1)
+
+
+def loss_from_outputs(cfg: ModelConfig, y: jax.Array, batch: Batch) -> jax.Array:
+    """Σ_{b,t} w_{b,t} ℓ_{b,t}: the batch loss from readouts y (B, T, n_out)."""
+    return jnp.sum(loss_weights(batch.mask) * step_losses(cfg, y, batch.target))
+
+
+def accuracy(cfg: ModelConfig, y: jax.Array, batch: Batch) -> jax.Array:
+    """Mean over sequences of the fraction of scored steps classified right (NaN for ``"mse"``)."""
+    if cfg.loss != "xent":
+        return jnp.array(jnp.nan, y.dtype)
+    correct = (jnp.argmax(y, axis=-1) == batch.target).astype(y.dtype)
+    return jnp.sum(loss_weights(batch.mask) * correct)
+
+
+def l2_penalty(params: Params) -> jax.Array:
+    """½(‖W_in‖² + ‖W_rec‖² + ‖W_out‖²): the paper's L2 (biases and s0 are not penalized)."""
+    return 0.5 * sum(jnp.sum(w**2) for w in (params.w_in, params.w_rec, params.w_out))
+
+
+def l2_gradient(params: Params) -> Params:
+    """Gradient of :func:`l2_penalty`: the weights themselves, zeros elsewhere."""
+    zero = lambda a: None if a is None else jnp.zeros_like(a)
+    return Params(params.w_in, params.w_rec, zero(params.b), params.w_out,
+                  jnp.zeros_like(params.b_out), zero(params.s0))
+
+
+def exact_loss(
+    cfg: ModelConfig, params: Params, struct: Structure, batch: Batch, noise: Noise | None = None
+) -> jax.Array:
+    """The exact loss L(θ) (no L2) of ``batch``; ``noise`` defaults to none (clean inputs)."""
+    x, xi = (batch.x, None) if noise is None else noise
+    _, r, _ = _model.run(cfg, params, struct, x, xi)
+    return loss_from_outputs(cfg, _model.readout(params, r), batch)
+
+
+def evaluate(cfg: ModelConfig, params: Params, struct: Structure, batch: Batch):
+    """(loss, accuracy) of ``batch`` without noise."""
+    _, r, _ = _model.run(cfg, params, struct, batch.x)
+    y = _model.readout(params, r)
+    return loss_from_outputs(cfg, y, batch), accuracy(cfg, y, batch)
+
+
+def draw_noise(cfg: ModelConfig, batch: Batch, key: jax.Array) -> Noise:
+    """Draw the model's input and recurrent noise for ``batch`` (exactly ``batch.x`` if none)."""
+    k_in, k_rec = jax.random.split(key)
+    x = batch.x
+    if cfg.input_noise > 0:
+        x = x + cfg.input_noise * jax.random.normal(k_in, x.shape, x.dtype)
+    xi = None
+    if cfg.rec_noise > 0:
+        shape = x.shape[:2] + (cfg.n_rec,)
+        xi = cfg.rec_noise * jax.random.normal(k_rec, shape, x.dtype)
+    return Noise(x, xi)

@@ -1,0 +1,103 @@
+"""The learning-rule interface and its registry.
+
+A rule maps (parameters, batch, rule state) to (loss, gradient estimate ĝ). The readout W_out,
+b_out always receives its exact gradient; rules differ in what they keep of the recurrent Jacobian
+J_t = D_t + R_t and in which feedback carries the output error (DESIGN.md §3).
+
+Every rule is a frozen dataclass (hashable, so it can be a static argument of ``jax.jit``) whose
+fields are its options. A rule computes its estimate in one or both **forms**:
+
+* ``"offline"``: autodiff through a modified graph, memory growing with T;
+* ``"online"``: a forward-in-time recursion whose memory does not grow with T.
+
+Adding a rule: subclass :class:`Rule`, implement :meth:`Rule.gradient`, set ``name``, ``formula``
+and ``forms``, and decorate with :func:`register`. The shared test matrix then covers it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+
+from creditscape.model import ModelConfig, Params, Structure
+from creditscape.objective import Batch, Noise
+
+RuleState = Any  # a pytree (``()`` for rules without state)
+
+_REGISTRY: dict[str, type["Rule"]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Base class of learning rules. Subclasses are frozen dataclasses of their options."""
+
+    name: ClassVar[str]
+    formula: ClassVar[str]  # one line, shown by ``creditscape rules``
+    forms: ClassVar[tuple[str, ...]]  # supported forms; the first is the default
+
+    def init(self, cfg: ModelConfig, params: Params, struct: Structure, *, key: jax.Array) -> RuleState:
+        """Draw the rule's fixed state (e.g. random feedback); ``()`` when it has none."""
+        del cfg, params, struct, key
+        return ()
+
+    def gradient(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        struct: Structure,
+        state: RuleState,
+        batch: Batch,
+        noise: Noise,
+        *,
+        form: str,
+    ) -> tuple[jax.Array, Params]:
+        """Return (exact loss of the batch, gradient estimate ĝ with the structure of ``params``)."""
+        raise NotImplementedError  # abstract: every registered rule overrides it
+
+    def check_form(self, form: str | None) -> str:
+        """Resolve ``None`` to the default form; refuse a form this rule does not have."""
+        if form is None:
+            return self.forms[0]
+        if form not in self.forms:
+            raise ValueError(
+                f"Rule {self.name!r} has no {form!r} form; it has {self.forms}. "
+                f"Set form to one of these (or leave it unset for {self.forms[0]!r})."
+            )
+        return form
+
+
+def register(cls: type[Rule]) -> type[Rule]:
+    """Class decorator: make a rule available by its ``name`` (in Python, configs and the CLI)."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"A rule named {cls.name!r} is already registered ({_REGISTRY[cls.name]}).")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def rule_names() -> list[str]:
+    """Names of all registered rules, in registration order."""
+    return list(_REGISTRY)
+
+
+def rule_class(name: str) -> type[Rule]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown rule {name!r}. Known rules: {', '.join(_REGISTRY)} "
+            "(`creditscape rules` lists them with their formulas)."
+        ) from None
+
+
+def get_rule(name: str, **options) -> Rule:
+    """Build the rule registered as ``name`` with its options (e.g. ``get_rule("tbptt", k=5)``)."""
+    cls = rule_class(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - fields
+    if unknown:
+        raise ValueError(
+            f"Rule {name!r} has no option(s) {sorted(unknown)}; its options are {sorted(fields) or 'none'}."
+        )
+    return cls(**options)

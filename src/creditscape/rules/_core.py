@@ -1,0 +1,258 @@
+"""Shared machinery of the rules: readout error, eligibility-trace rules, forward sensitivities.
+
+Notation (DESIGN.md §3). e_t = ∂L/∂y_t is the output error of step t (batch-weighted, masked);
+the learning signal is L_t = Fᵀ e_t with feedback F = W_out (symmetric) or a fixed random B of the
+same shape (n_out × N). The eligibility-trace family (e-prop, random e-prop / RFLO, MDGL) keeps
+only the leak path D_t = αI of the state Jacobian, so the eligibility of a recurrent-layer weight
+with presynaptic input p_j ∈ {r_{t-1,j}, x_{t,j}, 1} is
+
+    voltage: e_{t,ij} = φ'(v_{t,i}) ε_{t,j},      ε_{t,j} = α ε_{t-1,j} + (1-α) p_{t,j}
+    rate:    e_{t,ij} = M_{t,ij},                 M_{t,ij} = α M_{t-1,ij} + (1-α) φ'(u_{t,i}) p_{t,j}
+
+and ĝ_ij = Σ_t L̃_{t,i} e_{t,ij} with L̃_t = L_t (e-prop) or L̃_t = L_t + R̄_{t+1}ᵀ L_{t+1} (MDGL).
+A learned initial state s0 has the leak-only eligibility α^t.
+
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from creditscape import model as _model
+from creditscape.model import ModelConfig, Params, Structure
+from creditscape.objective import Batch, Noise, loss_from_outputs, loss_weights, step_losses
+
+
+def phi_prime(cfg: ModelConfig, z: jax.Array) -> jax.Array:
+    """φ'(z) elementwise."""
+    return jax.jvp(cfg.phi, (z,), (jnp.ones_like(z),))[1]
+
+
+def output_error(cfg: ModelConfig, params: Params, r: jax.Array, batch: Batch):
+    """Loss, e = ∂L/∂y (B, T, n_out) and the exact readout gradients from activities r."""
+    y = _model.readout(params, r)
+    loss, e = jax.value_and_grad(lambda y_: loss_from_outputs(cfg, y_, batch))(y)
+    g_w_out = jnp.einsum("btk,btn->kn", e, r)
+    g_b_out = e.sum(axis=(0, 1))
+    return loss, e, g_w_out, g_b_out
+
+
+def mdgl_hop(cfg: ModelConfig, signal_next: jax.Array, slope_next: jax.Array, w_bar: jax.Array):
+    """MDGL's one hop R̄_{t+1}ᵀ L_{t+1} = (1-α) W̄ᵀ (φ'_{t+1} ⊙ L_{t+1}) (row-vector form).
+
+    ``slope_next`` is φ'(v_{t+1}) (voltage) or φ'(u_{t+1}) (rate); both forms' one-step
+    activity-to-activity Jacobians give this expression.
+    """
+    return (1 - cfg.alpha) * (slope_next * signal_next) @ w_bar
+
+
+def trace_rule_offline(
+    cfg: ModelConfig,
+    params: Params,
+    struct: Structure,
+    batch: Batch,
+    noise: Noise,
+    feedback: jax.Array,
+    w_bar: jax.Array | None,
+) -> tuple[jax.Array, Params]:
+    """Offline e-prop family: ĝ = ∇_θ Σ_t ⟨stop_gradient(L̃_t), r_t⟩ through the graph in which
+    r_{t-1} is cut where it enters the recurrent drive (and nowhere else), plus exact readout
+    gradients."""
+
+    def activities(p):
+        s, r, u = _model.run(cfg, p, struct, noise.x, noise.xi, recurrent_input=jax.lax.stop_gradient)
+        return r, (s, u)
+
+    r, pullback, (s, u) = jax.vjp(activities, params, has_aux=True)
+    loss, e, g_w_out, g_b_out = output_error(cfg, params, r, batch)
+    signal = e @ feedback
+    if w_bar is not None:
+        slope = phi_prime(cfg, s if cfg.form == "voltage" else u)
+        slope_next = jnp.concatenate([slope[:, 1:], jnp.zeros_like(slope[:, :1])], axis=1)
+        signal_next = jnp.concatenate([signal[:, 1:], jnp.zeros_like(signal[:, :1])], axis=1)
+        signal = signal + mdgl_hop(cfg, signal_next, slope_next, w_bar)
+    (g,) = pullback(jax.lax.stop_gradient(signal))
+    return loss, g._replace(w_out=g_w_out, b_out=g_b_out)
+
+
+def trace_rule_online(
+    cfg: ModelConfig,
+    params: Params,
+    struct: Structure,
+    batch: Batch,
+    noise: Noise,
+    feedback: jax.Array,
+    w_bar: jax.Array | None,
+) -> tuple[jax.Array, Params]:
+    """Online e-prop family: one forward pass carrying eligibility traces (module docstring).
+
+    The weight update of step t is added at step t+1, once L_{t+1} is known (MDGL needs it; for
+    e-prop the hop is zero). Memory is O(B·N·(N+n_in)) whatever T.
+    """
+    n, bsz = cfg.n_rec, batch.x.shape[0]
+    dtype = params.w_rec.dtype
+    weights = jnp.swapaxes(loss_weights(batch.mask), 0, 1)  # (T, B)
+    targets = jnp.swapaxes(batch.target, 0, 1)
+    n_pre = n + cfg.n_in + 1  # presynaptic vector p_t = [r_{t-1}, x_t, 1]
+    if cfg.form == "voltage":
+        trace0 = jnp.zeros((bsz, n_pre), dtype)
+    else:
+        trace0 = jnp.zeros((bsz, n, n_pre), dtype)
+    s_init = _model.initial_state(cfg, params, bsz)
+
+    def credit(trace, decay, delta):
+        """This step's contribution to [g_rec | g_in | g_b] and to g_s0."""
+        if cfg.form == "voltage":
+            g_full = jnp.einsum("bi,bj->ij", delta, trace)
+        else:
+            g_full = jnp.einsum("bi,bij->ij", delta, trace)
+        return g_full, jnp.sum(delta * decay, axis=0)
+
+    def body(carry, inp):
+        s_prev, trace, decay, prev, acc = carry
+        x_t, xi_t, w_t, target_t = inp
+        s, r, u = _model.step(cfg, params, struct, s_prev, x_t, xi_t)
+        p = jnp.concatenate([_model.activity(cfg, s_prev), x_t, jnp.ones((bsz, 1), dtype)], axis=1)
+        slope = phi_prime(cfg, s if cfg.form == "voltage" else u)
+        a = cfg.alpha
+        if cfg.form == "voltage":
+            trace = a * trace + (1 - a) * p
+        else:
+            trace = a * trace + (1 - a) * slope[:, :, None] * p[:, None, :]
+        decay = a * decay  # leak-only eligibility of s0: α^t
+        y = _model.readout(params, r)
+        step_loss = lambda y_: jnp.sum(w_t * step_losses(cfg, y_[:, None], target_t[:, None])[:, 0])
+        loss_t, e_t = jax.value_and_grad(step_loss)(y)
+        signal = e_t @ feedback
+        # Credit the previous step, now that its MDGL hop is known.
+        prev_trace, prev_decay, prev_signal, prev_slope = prev
+        if w_bar is not None:
+            prev_signal = prev_signal + mdgl_hop(cfg, signal, slope, w_bar)
+        prev_delta = prev_signal * (prev_slope if cfg.form == "voltage" else 1.0)
+        g_full, g_s0 = credit(prev_trace, prev_decay, prev_delta)
+        loss, g_full_acc, g_s0_acc, g_out, g_bout = acc
+        acc = (
+            loss + loss_t,
+            g_full_acc + g_full,
+            g_s0_acc + g_s0,
+            g_out + jnp.einsum("bk,bn->kn", e_t, r),
+            g_bout + e_t.sum(0),
+        )
+        return (s, trace, decay, (trace, decay, signal, slope), acc), None
+
+    zeros_bn = jnp.zeros((bsz, n), dtype)
+    prev0 = (trace0, jnp.zeros((), dtype), zeros_bn, zeros_bn)
+    acc0 = (
+        jnp.zeros((), dtype),
+        jnp.zeros((n, n_pre), dtype),
+        jnp.zeros((n,), dtype),
+        jnp.zeros((cfg.n_out, n), dtype),
+        jnp.zeros((cfg.n_out,), dtype),
+    )
+    xis = None if noise.xi is None else jnp.swapaxes(noise.xi, 0, 1)
+    inputs = (jnp.swapaxes(noise.x, 0, 1), xis, weights, targets)
+    carry0 = (s_init, trace0, jnp.ones((), dtype), prev0, acc0)
+    (_, _, _, prev, acc), _ = jax.lax.scan(body, carry0, inputs)
+    # Flush the last step (no step after it: L̃_T = L_T).
+    prev_trace, prev_decay, prev_signal, prev_slope = prev
+    prev_delta = prev_signal * (prev_slope if cfg.form == "voltage" else 1.0)
+    g_full_last, g_s0_last = credit(prev_trace, prev_decay, prev_delta)
+    loss, g_full, g_s0, g_out, g_bout = acc
+    g_full = g_full + g_full_last
+    g_s0 = g_s0 + g_s0_last
+    grads = Params(
+        w_in=g_full[:, n : n + cfg.n_in],
+        w_rec=g_full[:, :n] * struct.rec_mask,
+        b=None if params.b is None else g_full[:, -1],
+        w_out=g_out,
+        b_out=g_bout,
+        s0=None if params.s0 is None else g_s0,
+    )
+    return loss, grads
+
+
+def recurrent_part(params: Params) -> Params:
+    """The recurrent-layer parameters (readout set to ``None``)."""
+    return params._replace(w_out=None, b_out=None)
+
+
+def forward_sensitivity(
+    cfg: ModelConfig,
+    params: Params,
+    struct: Structure,
+    batch: Batch,
+    noise: Noise,
+    window: int | None,
+) -> tuple[jax.Array, Params]:
+    """Gradient from forward-propagated sensitivities M_t = ∂s_t/∂θ_rec (RTRL), optionally windowed.
+
+    ``window=None``: M_t = J_t M_{t-1} + I_t, with I_t the immediate term of step t (that of step 1
+    includes the dependence through a learned s0), exact RTRL. ``window=K``: keep the last K
+    immediate terms separately, each carried by the exact J, and drop older ones — truncated BPTT
+    computed forward in time. Memory O(B·N·P) (× K with a window), P the number of recurrent-layer
+    parameters: small networks only.
+    """
+    bsz = batch.x.shape[0]
+    rec0 = recurrent_part(params)
+    theta0, unravel = ravel_pytree(rec0)
+    n_par = theta0.shape[0]
+    dtype = theta0.dtype
+
+    def step_from(theta, s_prev, x_t, xi_t):
+        p = unravel(theta)._replace(w_out=params.w_out, b_out=params.b_out)
+        return _model.step(cfg, p, struct, s_prev, x_t, xi_t)[0]
+
+    def s_init_from(theta):
+        p = unravel(theta)._replace(w_out=params.w_out, b_out=params.b_out)
+        return _model.initial_state(cfg, p, bsz)
+
+    s_init = s_init_from(theta0)
+    # ∂s_0/∂θ as (B, N, P): columns by forward mode on each basis direction.
+    m0 = jax.vmap(lambda d: jax.jvp(s_init_from, (theta0,), (d,))[1], out_axes=2)(jnp.eye(n_par, dtype=dtype))
+
+    def tangent(s_prev, x_t, xi_t, d_theta, d_s):
+        return jax.jvp(lambda th, sp: step_from(th, sp, x_t, xi_t), (theta0, s_prev), (d_theta, d_s))[1]
+
+    basis = jnp.eye(n_par, dtype=dtype)
+    weights = jnp.swapaxes(loss_weights(batch.mask), 0, 1)
+    targets = jnp.swapaxes(batch.target, 0, 1)
+
+    def body(carry, inp):
+        s_prev, sens, m_start, acc = carry
+        x_t, xi_t, w_t, target_t = inp
+        s = step_from(theta0, s_prev, x_t, xi_t)
+        # One forward-mode column per parameter: J_t (carried sensitivity) + immediate term, where
+        # the immediate term of step 1 carries ∂s_0/∂θ (m_start, zero afterwards). jvp is linear
+        # in (dθ, ds), so one call gives both parts.
+        columns = jax.vmap(lambda d, ds: tangent(s_prev, x_t, xi_t, d, ds), in_axes=(0, 2), out_axes=2)
+        if window is None:
+            sens = columns(basis, sens + m_start)
+            m_t = sens
+        else:
+            immediate = columns(basis, m_start)
+            moved = jax.vmap(lambda m: columns(jnp.zeros_like(basis), m))(sens[:-1])
+            sens = jnp.concatenate([immediate[None], moved], axis=0)  # (K, B, N, P)
+            m_t = sens.sum(axis=0)
+
+        def step_loss(s_):
+            y = _model.readout(params, _model.activity(cfg, s_))
+            return jnp.sum(w_t * step_losses(cfg, y[:, None], target_t[:, None])[:, 0])
+
+        loss_t, c_t = jax.value_and_grad(step_loss)(s)
+        loss, g = acc
+        return (s, sens, jnp.zeros_like(m_start), (loss + loss_t, g + jnp.einsum("bn,bnp->p", c_t, m_t))), None
+
+    if window is None:
+        sens0 = jnp.zeros((bsz, cfg.n_rec, n_par), dtype)
+    else:
+        sens0 = jnp.zeros((window, bsz, cfg.n_rec, n_par), dtype)
+    xis = None if noise.xi is None else jnp.swapaxes(noise.xi, 0, 1)
+    inputs = (jnp.swapaxes(noise.x, 0, 1), xis, weights, targets)
+    acc0 = (jnp.zeros((), dtype), jnp.zeros((n_par,), dtype))
+    (_, _, _, (loss, g)), _ = jax.lax.scan(body, (s_init, sens0, m0, acc0), inputs)
+    _, r, _ = _model.run(cfg, params, struct, noise.x, noise.xi)
+    _, _, g_w_out, g_b_out = output_error(cfg, params, r, batch)
+    grads = unravel(g)._replace(w_out=g_w_out, b_out=g_b_out)
+    return loss, grads
