@@ -1,0 +1,74 @@
+"""Sequential MNIST, row-wise (T = 28, 28 inputs) or pixel-wise (T = 784, 1 input)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from creditscape.objective import Batch
+from creditscape.tasks._base import Task, register_task
+from creditscape.tasks._mnist_files import load_mnist
+
+VALIDATION = 5000  # TF1's split: the first 5,000 training images are validation, 55,000 remain
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(directory):
+    return load_mnist(directory)
+
+
+@register_task
+@dataclasses.dataclass(frozen=True)
+class SequentialMNIST(Task):
+    """Classify an MNIST digit presented one row (or one pixel) per step; loss at the last step.
+
+    Pixels scaled to [0, 1]. Training examples come from the 55,000 training images left after
+    TF1's 5,000-image validation split (the first 5,000), test examples from the 10,000 test
+    images; a set of n examples is a random subset (without replacement) chosen by the seed.
+    ``pixel=True`` gives T = 784 steps of 1 input (``permute=True`` applies a fixed random pixel
+    permutation drawn from ``permutation_seed``). Perturbed test: Gaussian pixel noise σ, clipped
+    to [0, 1] (the paper's σ = 0.2). Files are read with
+    :func:`creditscape.tasks.load_mnist` from ``mnist_dir`` or the standard places.
+    """
+
+    name = "smnist"
+    summary = "Sequential MNIST, row-wise (T=28) or pixel-wise (T=784); needs local MNIST files"
+    input_range = (0.0, 1.0)
+    pixel: bool = False
+    permute: bool = False
+    permutation_seed: int = 0
+    mnist_dir: str | None = None
+
+    @property
+    def n_in(self):
+        return 1 if self.pixel else 28
+
+    @property
+    def n_out(self):
+        return 10
+
+    def check(self):
+        _cached(self.mnist_dir)
+
+    def generate(self, n, rng, *, split):
+        data = _cached(self.mnist_dir)
+        if split == "train":
+            images, labels = data.train_images[VALIDATION:], data.train_labels[VALIDATION:]
+        else:
+            images, labels = data.test_images, data.test_labels
+        if n > len(images):
+            raise ValueError(f"smnist: asked for {n} {split} examples; only {len(images)} exist.")
+        idx = rng.choice(len(images), size=n, replace=False)
+        x = images[idx].astype(np.float32) / 255.0
+        if self.pixel:
+            x = x.reshape(n, 784, 1)
+            if self.permute:
+                x = x[:, np.random.default_rng(self.permutation_seed).permutation(784)]
+        n_steps = x.shape[1]
+        target = np.zeros((n, n_steps), np.int32)
+        target[:, -1] = labels[idx]
+        mask = np.zeros((n, n_steps), np.float32)
+        mask[:, -1] = 1.0
+        return Batch(x, target, mask)
