@@ -1,0 +1,89 @@
+"""The ``creditscape`` command: ``run``, ``report``, ``tasks``, ``rules``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import textwrap
+
+from creditscape.config import ConfigError, load, preset_names
+
+
+def _cmd_run(args) -> int:
+    from creditscape.experiment import run_experiment
+    from creditscape.report import summary_table, write_report
+
+    exp = load(args.config, preset=args.preset, mnist_dir=args.mnist_dir)
+    out = args.out or f"results/{exp.name}"
+    final = run_experiment(exp, out, progress=not args.quiet)
+    page = write_report(out)
+    table = summary_table(final)
+    cols = [c for c in ("rule", "diverged", "train_accuracy", "test_accuracy", "gap_loss", "lambda_max") if c in table]
+    print(table[cols].to_string(index=False))
+    print(f"\nReport: {page}\n        {page.with_suffix('.md')}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from creditscape.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _cmd_tasks(args) -> int:
+    from creditscape.tasks import task_class, task_names, task_parameters
+
+    for name in task_names():
+        cls = task_class(name)
+        print(f"{name}: {cls.summary}")
+        params = ", ".join(f"{k}={v!r}" for k, v in task_parameters(cls).items())
+        print(textwrap.indent(textwrap.fill(params, 96), "    "))
+    return 0
+
+
+def _cmd_rules(args) -> int:
+    from creditscape.rules import rule_class, rule_names
+
+    for name in rule_names():
+        cls = rule_class(name)
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        print(f"{name:13s} {cls.formula}")
+        print(f"{'':13s} forms: {', '.join(cls.forms)}" + (f"; options: {options}" if options else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="creditscape", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment (default: the embedded `quick` preset) and write its report")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--preset", help=f"embedded experiment: {', '.join(preset_names())}")
+    source.add_argument("--config", help="experiment TOML file")
+    run.add_argument("--out", help="results folder (default results/<name>); rerunning resumes it")
+    run.add_argument("--mnist-dir", help="folder holding the MNIST files (tasks that read MNIST)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+    rep = sub.add_parser("report", help="(re)write the report of a results folder")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=_cmd_report)
+    sub.add_parser("tasks", help="list tasks and their parameters").set_defaults(func=_cmd_tasks)
+    sub.add_parser("rules", help="list learning rules with their formulas").set_defaults(func=_cmd_rules)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"creditscape: configuration error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ncreditscape: interrupted. Finished rules are saved; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

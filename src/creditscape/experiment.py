@@ -1,0 +1,166 @@
+"""Running an experiment: data, one compiled ensemble per rule, final measurements, results folder.
+
+Results folder layout::
+
+    config.json        the resolved experiment (every default explicit)
+    environment.json   versions, device, platform, start time
+    runs/NN-<rule>.npz one file per rule (all seeds): histories, final parameters, λ_max;
+                       written atomically, so an interrupted experiment rerun with the same
+                       command skips the rules already done and loses nothing finished
+    final.parquet      one row per (rule, seed): final metrics
+    history.parquet    one row per (rule, seed, evaluation step)
+    report.md, report.html, figures/   written by :mod:`creditscape.report`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from creditscape import __version__
+from creditscape.config import Experiment, RuleSpec, resolved_dict
+from creditscape.curvature import top_eigenvalues
+from creditscape.objective import Batch
+from creditscape.tasks import make_splits
+from creditscape.train import TrainResult, to_device, train_ensemble
+
+
+def environment() -> dict:
+    import optax
+    import scipy
+
+    return {
+        "creditscape": __version__,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "pandas": pd.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "platform": platform.platform(),
+        "x64": bool(jax.config.jax_enable_x64),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _slug(i: int, spec: RuleSpec) -> str:
+    return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9=.]+", "_", spec.label).strip("_")
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def measure_lambda_max(exp: Experiment, result: TrainResult, curvature_batch: Batch) -> np.ndarray:
+    """λ_max of the exact loss Hessian on the configured block, every seed in one compiled call."""
+    m = exp.measure
+    l2 = exp.train.l2 if m.l2_in_curvature else 0.0
+    keys = jax.random.split(jax.random.PRNGKey(exp.data_seed), len(exp.seeds))
+
+    @jax.jit
+    @jax.vmap
+    def one(params, struct, key):
+        eig = top_eigenvalues(exp.model, params, struct, curvature_batch, key=key, block=m.curvature_block,
+                              l2=l2, steps=m.lanczos_steps)
+        return eig.values[0]
+
+    return np.asarray(one(result.params, result.structs, keys))
+
+
+def _run_rule(exp: Experiment, spec: RuleSpec, splits, eval_sets, progress) -> dict:
+    start = time.perf_counter()
+    tcfg = dataclasses.replace(exp.train, form=spec.form)
+    result = train_ensemble(exp.model, spec.rule, tcfg, exp.seeds, splits.train, eval_sets,
+                            progress=f"{spec.label}" if progress else False)
+    train_time = time.perf_counter() - start
+    curvature_batch = to_device(Batch(*(a[: exp.measure.curvature_batch] for a in splits.train)))
+    lam = measure_lambda_max(exp, result, curvature_batch)
+    out = {
+        "diverged_at": result.diverged_at,
+        "losses": result.losses,
+        "eval_steps": result.eval_steps,
+        "lambda_max": lam,
+        "train_seconds": np.float64(train_time),
+        "measure_seconds": np.float64(time.perf_counter() - start - train_time),
+    }
+    out.update({f"eval/{k}": v for k, v in result.evals.items()})
+    for name, leaf in zip(result.params._fields, result.params):
+        if leaf is not None:
+            out[f"params/{name}"] = np.asarray(leaf)
+    return out
+
+
+def _tables(exp: Experiment, runs: dict[str, dict], set_names: list[str]):
+    final_rows, history_rows = [], []
+    for spec, (slug, r) in zip(exp.rules, runs.items()):
+        for si, seed in enumerate(exp.seeds):
+            row = {"rule": spec.label, "rule_name": spec.rule.name, "form": spec.form, "seed": seed,
+                   "diverged_at": int(r["diverged_at"][si]), "lambda_max": float(r["lambda_max"][si]),
+                   "train_seconds": float(r["train_seconds"]) / len(exp.seeds)}
+            for k in r:
+                if k.startswith("eval/"):
+                    row[k[5:]] = float(r[k][si, -1])
+            row["gap_loss"] = row["test_loss"] - row["train_loss"]
+            row["gap_accuracy"] = row["train_accuracy"] - row["test_accuracy"]
+            final_rows.append(row)
+            for j, step in enumerate(r["eval_steps"]):
+                h = {"rule": spec.label, "seed": seed, "step": int(step)}
+                h.update({k[5:]: float(r[k][si, j]) for k in r if k.startswith("eval/")})
+                history_rows.append(h)
+    return pd.DataFrame(final_rows), pd.DataFrame(history_rows)
+
+
+def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, log=print) -> pd.DataFrame:
+    """Run (or resume) ``exp`` into folder ``out`` and return the table of final metrics."""
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    resolved = resolved_dict(exp)
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        if previous != json.loads(json.dumps(resolved)):
+            raise ValueError(
+                f"{out} holds results of a different configuration (see {config_path}). "
+                "Use another --out folder, or delete this one to start over."
+            )
+    atomic_write_bytes(config_path, lambda f: f.write(json.dumps(resolved, indent=2).encode()))
+    atomic_write_bytes(out / "environment.json", lambda f: f.write(json.dumps(environment(), indent=2).encode()))
+
+    log(f"[creditscape] {exp.name}: task {exp.task.name}, {len(exp.rules)} rules x {len(exp.seeds)} seeds -> {out}")
+    splits = make_splits(exp.task, exp.n_train, exp.n_test, exp.data_seed, exp.noise_levels)
+    eval_sets = {"train": splits.train, "test": splits.test, **{f"perturbed[{k}]": v for k, v in splits.perturbed.items()}}
+    runs = {}
+    for i, spec in enumerate(exp.rules):
+        slug = _slug(i, spec)
+        path = out / "runs" / f"{slug}.npz"
+        if path.exists():
+            log(f"  {spec.label}: already done ({path.name}), skipped")
+        else:
+            r = _run_rule(exp, spec, splits, eval_sets, progress)
+            atomic_write_bytes(path, lambda f: np.savez(f, **r))
+            log(f"  {spec.label}: trained in {float(r['train_seconds']):.1f}s, measured in {float(r['measure_seconds']):.1f}s")
+        with np.load(path) as f:
+            runs[slug] = dict(f)
+    final, history = _tables(exp, runs, list(eval_sets))
+    atomic_write_bytes(out / "final.parquet", lambda f: final.to_parquet(f, index=False))
+    atomic_write_bytes(out / "history.parquet", lambda f: history.to_parquet(f, index=False))
+    return final

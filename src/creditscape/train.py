@@ -1,0 +1,255 @@
+"""Compiled training of an ensemble of seeds with any rule.
+
+One compiled call runs ``chunk`` iterations (a ``lax.scan`` over iterations) for every seed at
+once (``vmap`` over seeds). An iteration draws a minibatch (uniformly, with replacement) from the
+fixed training set, draws the model's noise, asks the rule for ĝ, adds the L2 gradient, applies
+the optax update and projects the weights back onto their constraints (mask, Dale's law).
+
+A seed whose loss or parameters become NaN/inf is **diverged**: its parameters and optimizer
+state freeze at their last finite values, the iteration is recorded in ``diverged_at``, and its
+later losses read NaN. Other seeds are untouched. Between chunks, the host evaluates the
+ensemble on fixed sets and measures gradient alignment; nothing recompiles along training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from creditscape import model as _model
+from creditscape.model import ModelConfig, Params, Structure
+from creditscape.objective import Batch, draw_noise, evaluate, l2_gradient, l2_penalty
+from creditscape.rules import Rule, gradient_alignment
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "boost")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Args:
+        optimizer: ``"sgd"`` (with optional ``momentum``) or ``"adam"``.
+        learning_rate: η.
+        schedule: ``"constant"``; ``"cosine"`` (decay to 0 over ``steps``); ``"boost"`` (η until
+            ``boost_at``·steps, then ``boost_factor``·η: the paper's late learning-rate remedy).
+        steps: number of iterations.
+        batch_size: minibatch size, drawn with replacement from the training set.
+        l2: coefficient λ of the penalty λ·½(‖W_in‖² + ‖W_rec‖² + ‖W_out‖²).
+        form: the rule's form (``"offline"``/``"online"``); ``None`` for its default.
+        eval_every: iterations per compiled chunk; evaluation and alignment are recorded at every
+            chunk boundary. ``steps`` must be a multiple of it.
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.0
+    schedule: str = "constant"
+    boost_at: float = 0.5
+    boost_factor: float = 2.0
+    steps: int = 500
+    batch_size: int = 32
+    l2: float = 0.0
+    form: str | None = None
+    eval_every: int = 50
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule: expected one of {SCHEDULES}, got {self.schedule!r}.")
+        for name in ("learning_rate", "steps", "batch_size", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}: must be > 0, got {getattr(self, name)!r}.")
+        if self.l2 < 0 or self.momentum < 0:
+            raise ValueError("train.l2 and train.momentum must be >= 0.")
+        if self.steps % self.eval_every:
+            raise ValueError(
+                f"train.steps ({self.steps}) must be a multiple of train.eval_every ({self.eval_every}): "
+                "each compiled chunk runs eval_every iterations. Change one of them."
+            )
+
+
+def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
+    if tcfg.schedule == "cosine":
+        return optax.cosine_decay_schedule(tcfg.learning_rate, tcfg.steps)
+    if tcfg.schedule == "boost":
+        return optax.piecewise_constant_schedule(
+            tcfg.learning_rate, {int(tcfg.boost_at * tcfg.steps): tcfg.boost_factor}
+        )
+    return optax.constant_schedule(tcfg.learning_rate)
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    lr = learning_rate_schedule(tcfg)
+    if tcfg.optimizer == "adam":
+        return optax.adam(lr)
+    return optax.sgd(lr, momentum=tcfg.momentum or None)
+
+
+class TrainState(NamedTuple):
+    """Per-seed training state (stacked along a leading seed axis in an ensemble)."""
+
+    params: Params
+    opt_state: optax.OptState
+    key: jax.Array
+    step: jax.Array  # int32: iterations done
+    diverged_at: jax.Array  # int32: iteration that produced NaN/inf, -1 if none
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
+def init_seed(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, seed, dtype=jnp.float32):
+    """(TrainState, Structure, rule state) of one seed; every random choice flows from ``seed``."""
+    k_model, k_rule, k_train = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params, struct = _model.init(cfg, k_model, dtype)
+    rule_state = rule.init(cfg, params, struct, key=k_rule)
+    opt_state = make_optimizer(tcfg).init(params)
+    state = TrainState(params, opt_state, k_train, jnp.int32(0), jnp.int32(-1))
+    return state, struct, rule_state
+
+
+def init_ensemble(cfg, rule, tcfg, seeds, dtype=jnp.float32):
+    """Stacked (TrainState, Structure, rule state) for ``seeds``."""
+    return jax.vmap(lambda s: init_seed(cfg, rule, tcfg, s, dtype))(jnp.asarray(seeds))
+
+
+def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
+    """One training iteration of one seed: (state, struct, rule_state, train_set) → (state, loss)."""
+    optimizer = make_optimizer(tcfg)
+    form = rule.check_form(tcfg.form)
+
+    def iteration(state: TrainState, struct: Structure, rule_state, train_set: Batch):
+        key, k_batch, k_noise = jax.random.split(state.key, 3)
+        idx = jax.random.randint(k_batch, (tcfg.batch_size,), 0, train_set.x.shape[0])
+        batch = jax.tree.map(lambda a: a[idx], train_set)
+        noise = draw_noise(cfg, batch, k_noise)
+        loss, grads = rule.gradient(cfg, state.params, struct, rule_state, batch, noise, form=form)
+        if tcfg.l2:
+            loss = loss + tcfg.l2 * l2_penalty(state.params)
+            grads = jax.tree.map(lambda g, w: g + tcfg.l2 * w, grads, l2_gradient(state.params))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = _model.project(cfg, optax.apply_updates(state.params, updates), struct)
+        alive = state.diverged_at < 0
+        ok = jnp.isfinite(loss) & _all_finite(params)
+        keep = alive & ok
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(keep, new, old), (params, opt_state), (state.params, state.opt_state)
+        )
+        diverged_at = jnp.where(alive & ~ok, state.step, state.diverged_at)
+        new_state = TrainState(params, opt_state, key, state.step + 1, diverged_at)
+        return new_state, jnp.where(keep, loss, jnp.nan)
+
+    return iteration
+
+
+def make_chunk(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
+    """Compiled: ``eval_every`` iterations for every seed of an ensemble.
+
+    (states, structs, rule_states, train_set) → (states, losses (seeds, eval_every)).
+    """
+    iteration = make_iteration(cfg, rule, tcfg)
+
+    def one_seed(state, struct, rule_state, train_set):
+        return jax.lax.scan(lambda s, _: iteration(s, struct, rule_state, train_set), state, length=tcfg.eval_every)
+
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None)), donate_argnums=0)
+
+
+def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
+    """Compiled: per-seed (loss, accuracy) on each named set, and the rule's gradient alignment
+    (cosine with the exact gradient, no noise) on the alignment batch."""
+    form = rule.check_form(tcfg.form)
+
+    def one_seed(params, struct, rule_state, sets: dict[str, Batch], align_batch: Batch):
+        out = {}
+        for name, batch in sets.items():
+            out[f"{name}_loss"], out[f"{name}_accuracy"] = evaluate(cfg, params, struct, batch)
+        al = gradient_alignment(rule, cfg, params, struct, rule_state, align_batch, form=form)
+        out["alignment"] = al.cosine
+        out["alignment_recurrent"] = al.cosine_recurrent
+        return out
+
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None)))
+
+
+class TrainResult(NamedTuple):
+    """What training an ensemble produced (leading axis: seed)."""
+
+    params: Params
+    structs: Structure
+    rule_states: object
+    diverged_at: np.ndarray  # (seeds,) iteration of divergence, -1 if none
+    losses: np.ndarray  # (seeds, steps) training minibatch loss (incl. L2), NaN after divergence
+    eval_steps: np.ndarray  # (n_evals,) iteration counts at which ``evals`` were taken
+    evals: dict[str, np.ndarray]  # name → (seeds, n_evals)
+
+
+def to_device(batch: Batch) -> Batch:
+    return Batch(*(jnp.asarray(a) for a in batch))
+
+
+def train_ensemble(
+    cfg: ModelConfig,
+    rule: Rule,
+    tcfg: TrainConfig,
+    seeds,
+    train_set: Batch,
+    eval_sets: dict[str, Batch] | None = None,
+    *,
+    align_size: int = 64,
+    progress: bool | str = True,
+) -> TrainResult:
+    """Train one network per seed with ``rule``; evaluate at every chunk boundary.
+
+    Args:
+        seeds: integer seeds; seed s draws the network, the rule's state, minibatches and noise.
+        train_set: the fixed training set.
+        eval_sets: named fixed sets evaluated along training (default: ``{"train": train_set}``).
+        align_size: the first ``align_size`` training sequences form the alignment batch.
+        progress: show a progress bar (a string sets its label).
+    """
+    if train_set.x.shape[-1] != cfg.n_in:
+        raise ValueError(f"Training inputs have {train_set.x.shape[-1]} channels; the model has n_in={cfg.n_in}.")
+    train_set = to_device(train_set)
+    eval_sets = {k: to_device(v) for k, v in (eval_sets or {"train": train_set}).items()}
+    align_batch = jax.tree.map(lambda a: a[:align_size], train_set)
+    seeds = list(seeds)
+    states, structs, rule_states = init_ensemble(cfg, rule, tcfg, seeds, train_set.x.dtype)
+    chunk = make_chunk(cfg, rule, tcfg)
+    evaluator = make_evaluator(cfg, rule, tcfg)
+
+    def record(states):
+        return jax.device_get(evaluator(states.params, structs, rule_states, eval_sets, align_batch))
+
+    n_chunks = tcfg.steps // tcfg.eval_every
+    evals = [record(states)]
+    losses = []
+    label = progress if isinstance(progress, str) else rule.name
+    with tqdm(total=tcfg.steps, desc=label, disable=not progress, leave=False, unit="it") as bar:
+        for _ in range(n_chunks):
+            states, chunk_losses = chunk(states, structs, rule_states, train_set)
+            losses.append(np.asarray(chunk_losses))
+            evals.append(record(states))
+            bar.update(tcfg.eval_every)
+            last = losses[-1][:, -1]
+            bar.set_postfix(loss=f"{np.nanmean(last):.4f}" if np.isfinite(last).any() else "nan",
+                            diverged=int((np.asarray(states.diverged_at) >= 0).sum()))
+    return TrainResult(
+        params=states.params,
+        structs=structs,
+        rule_states=rule_states,
+        diverged_at=np.asarray(states.diverged_at),
+        losses=np.concatenate(losses, axis=1),
+        eval_steps=np.arange(n_chunks + 1) * tcfg.eval_every,
+        evals={k: np.stack([e[k] for e in evals], axis=1) for k in evals[0]},
+    )
