@@ -1,0 +1,103 @@
+"""Dense, brute-force references for tests and examples (small models only, slow on purpose).
+
+Each rule's gradient is transcribed from its definition in DESIGN.md §3 with explicit matrices,
+one sequence at a time, in numpy float64: per-step Jacobians J_t = ∂s_t/∂s_{t-1} and immediate
+terms I_t = ∂s_t/∂θ|_{s_{t-1} fixed} (taken with ``jax.jacobian`` of the model's single step),
+then sums over paths. Nothing here shares code with the rules' implementations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from creditscape import model as _model
+from creditscape.objective import loss_weights, step_losses
+
+
+def _pieces(cfg, params, struct, x, xi, target, weights, feedback):
+    """Per-step dense quantities of one sequence (x: (T, n_in))."""
+    rec = params._replace(w_out=None, b_out=None)
+    theta, unravel = ravel_pytree(rec)
+    full = lambda th: unravel(th)._replace(w_out=params.w_out, b_out=params.b_out)
+
+    def one_step(th, s_prev, x_t, xi_t):
+        return _model.step(cfg, full(th), struct, s_prev[None], x_t[None], None if xi_t is None else xi_t[None])[0][0]
+
+    s0_fn = lambda th: _model.initial_state(cfg, full(th), 1)[0]
+    s = np.asarray(s0_fn(theta))
+    ds0 = np.asarray(jax.jacobian(s0_fn)(theta))
+    out = {"J": [], "I": [], "c": [], "s_prev": [], "s": [], "ds0": ds0, "n_par": theta.shape[0]}
+    for t in range(x.shape[0]):
+        xi_t = None if xi is None else xi[t]
+        args = (theta, jnp.asarray(s), x[t], xi_t)
+        out["J"].append(np.asarray(jax.jacobian(one_step, argnums=1)(*args)))
+        out["I"].append(np.asarray(jax.jacobian(one_step, argnums=0)(*args)))
+        out["s_prev"].append(s)
+        s = np.asarray(one_step(*args))
+        out["s"].append(s)
+        r = _model.activity(cfg, jnp.asarray(s))
+        y = _model.readout(params, r)
+        e = np.asarray(jax.grad(lambda y_: weights[t] * step_losses(cfg, y_[None, None], target[t][None, None])[0, 0])(y))
+        signal = np.asarray(feedback).T @ e  # learning signal w.r.t. r_t
+        drds = np.asarray(jax.jacobian(lambda s_: _model.activity(cfg, s_))(jnp.asarray(s)))
+        out["c"].append(signal @ drds)  # w.r.t. s_t
+    return out, unravel
+
+
+def _recurrent_hop(cfg, s_prev_next, s_next, u_next, w_bar):
+    """R̄_{t+1} = ∂s_{t+1}/∂s_t through the recurrent path with W̄, written out."""
+    dphi = lambda z: np.asarray(jax.vmap(jax.grad(cfg.phi))(jnp.asarray(z)))
+    if cfg.form == "voltage":
+        return (1 - cfg.alpha) * w_bar @ np.diag(dphi(s_prev_next))
+    return (1 - cfg.alpha) * np.diag(dphi(u_next)) @ w_bar
+
+
+def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None = None, feedback=None,
+                       w_bar=None, xi=None):
+    """Recurrent-layer gradient (as a pytree like ``params`` with readout ``None``) of ``rule`` ∈
+    {"exact", "tbptt", "eprop", "mdgl"} by explicit path sums. ``feedback`` (n_out × N) replaces
+    W_out in the learning signal; ``w_bar`` is MDGL's modulatory matrix; ``k`` the tbptt window."""
+    feedback = params.w_out if feedback is None else feedback
+    weights = np.asarray(loss_weights(batch.mask))
+    total, unravel = None, None
+    for b in range(batch.x.shape[0]):
+        xb = None if xi is None else xi[b]
+        pc, unravel = _pieces(cfg, params, struct, batch.x[b], xb, batch.target[b], weights[b], feedback)
+        n_steps, n_par = len(pc["J"]), pc["n_par"]
+        g = np.zeros(n_par)
+        # Immediate term of step t (1-based); step 1 includes the path through a learned s0.
+        imm = [None] + [pc["I"][t] for t in range(n_steps)]
+        imm[1] = imm[1] + pc["J"][0] @ pc["ds0"]
+        J = [None] + pc["J"]
+        c = [None] + pc["c"]
+        if rule in ("exact", "tbptt"):
+            window = n_steps if rule == "exact" else k
+            for t in range(1, n_steps + 1):
+                for tau in range(max(1, t - window + 1), t + 1):
+                    m = imm[tau]
+                    for step in range(tau + 1, t + 1):
+                        m = J[step] @ m
+                    g += c[t] @ m
+        elif rule in ("eprop", "mdgl"):
+            elig = [pc["ds0"]]  # leak-only eligibility, e_t = α e_{t-1} + I_t
+            for t in range(1, n_steps + 1):
+                elig.append(cfg.alpha * elig[-1] + pc["I"][t - 1])
+            for t in range(1, n_steps + 1):
+                g += c[t] @ elig[t]
+                if rule == "mdgl" and t < n_steps:
+                    x_next = batch.x[b][t]
+                    u_next = _u(cfg, params, struct, pc["s"][t - 1], x_next, None if xb is None else xb[t])
+                    hop = _recurrent_hop(cfg, pc["s"][t - 1], pc["s"][t], u_next, np.asarray(w_bar))
+                    g += c[t + 1] @ hop @ elig[t]
+        else:
+            raise ValueError(f"no reference for {rule!r}")
+        total = g if total is None else total + g
+    return unravel(jnp.asarray(total))
+
+
+def _u(cfg, params, struct, s_prev, x_t, xi_t):
+    return np.asarray(_model.step(cfg, params, struct, jnp.asarray(s_prev)[None], jnp.asarray(x_t)[None],
+                                  None if xi_t is None else jnp.asarray(xi_t)[None])[2][0])

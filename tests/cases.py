@@ -1,0 +1,64 @@
+"""Small model configurations shared by the rule and curvature tests (cases as data)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from creditscape import model as M
+from creditscape.objective import Batch, Noise
+
+N_IN, N_REC, N_OUT, T, B = 3, 5, 2, 6, 3
+
+
+def model_cases():
+    """(id, ModelConfig) over form × α × activation × (Dale, sparse, learned s0) × loss."""
+    out = []
+    for form, alpha, act in itertools.product(("voltage", "rate"), (0.0, 0.3, 0.9), ("relu", "tanh")):
+        out.append((f"{form}-a{alpha}-{act}", M.ModelConfig(N_IN, N_REC, N_OUT, form=form, alpha=alpha, activation=act)))
+    out.append(("voltage-dale-sparse-s0", M.ModelConfig(N_IN, N_REC, N_OUT, alpha=0.3, activation="tanh",
+                                                       dale_exc_fraction=0.6, connectivity=0.7, learn_init_state=True)))
+    out.append(("rate-dale-types-s0-mse", M.ModelConfig(N_IN, N_REC, N_OUT, form="rate", alpha=0.3, activation="softplus",
+                                                       dale_exc_fraction=0.6, learn_init_state=True, loss="mse")))
+    out.append(("voltage-celltypes-selfconn-nobias", M.ModelConfig(N_IN, N_REC, N_OUT, alpha=0.5, activation="softplus",
+                                                                  cell_types=2, self_connections=True, bias=False)))
+    return out
+
+
+MASKS = ("last", "every", "random")
+
+
+def draw(cfg, seed, mask="random", noise=False):
+    """Fresh random parameters (non-zero biases and s0), batch and optional recurrent noise (float64)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+    params, struct = M.init(cfg, keys[0], jnp.float64)
+    if params.b is not None:
+        params = params._replace(b=0.2 * jax.random.normal(keys[1], (cfg.n_rec,)))
+    if params.s0 is not None:
+        params = params._replace(s0=0.5 * jax.random.normal(keys[2], (cfg.n_rec,)))
+    params = params._replace(b_out=0.1 * jax.random.normal(keys[3], (cfg.n_out,)))
+    x = jax.random.normal(keys[4], (B, T, cfg.n_in))
+    if cfg.loss == "xent":
+        target = jax.random.randint(keys[5], (B, T), 0, cfg.n_out)
+    else:
+        target = jax.random.normal(keys[5], (B, T, cfg.n_out))
+    if mask == "last":
+        m = jnp.zeros((B, T)).at[:, -1].set(1.0)
+    elif mask == "every":
+        m = jnp.ones((B, T))
+    else:
+        m = (jax.random.uniform(keys[6], (B, T)) > 0.4).astype(jnp.float64).at[:, -1].set(1.0)
+    xi = 0.1 * jax.random.normal(keys[7], (B, T, cfg.n_rec)) if noise else None
+    return params, struct, Batch(x, target, m), Noise(x, xi)
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree.leaves(tree)])
+
+
+def assert_close(a, b, rtol=1e-10):
+    a, b = flat(a), flat(b)
+    scale = max(np.abs(b).max(), 1e-300)
+    err = np.abs(a - b).max() / scale
+    assert err < rtol, f"relative error {err:.3g} > {rtol}"

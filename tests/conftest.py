@@ -1,0 +1,16 @@
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    """No MNIST in any standard place: HOME and the working directory are empty folders."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("CREDITSCAPE_MNIST_DIR", raising=False)
+    monkeypatch.delenv("KERAS_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return home

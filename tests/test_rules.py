@@ -1,0 +1,251 @@
+"""Every rule against an independent reference, in float64 on fresh random instances."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cases import MASKS, assert_close, draw, flat, model_cases
+from creditscape import _reference as ref
+from creditscape import model as M
+from creditscape.objective import loss_weights
+from creditscape.rules import (
+    Rule, get_rule, gradient_alignment, modulatory_weights, register, rule_class, rule_gradient, rule_names,
+)
+from creditscape.rules import _base
+from creditscape.rules._core import phi_prime, recurrent_part, trace_rule_offline, trace_rule_online
+
+CASES = model_cases()
+CASE_IDS = [c[0] for c in CASES]
+
+
+def _case(i):
+    """Case i with a mask and noise setting that vary across cases."""
+    name, cfg = CASES[i]
+    return cfg, MASKS[i % len(MASKS)], i % 2 == 1
+
+
+def _two_form_rules():
+    """Every registered rule with both forms (default options), plus non-default options."""
+    rules = [get_rule(n) for n in rule_names() if set(rule_class(n).forms) >= {"offline", "online"}]
+    return rules + [get_rule("tbptt", k=2), get_rule("mdgl", modulatory="exact")]
+
+
+def _grad(rule, cfg, params, struct, batch, noise, form=None, seed=0):
+    state = rule.init(cfg, params, struct, key=jax.random.PRNGKey(seed))
+    return rule_gradient(rule, cfg, params, struct, state, batch, noise, form=form)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+@pytest.mark.parametrize("rule", _two_form_rules(), ids=lambda r: f"{r.name}{dataclasses.astuple(r)}")
+def test_online_equals_offline(rule, i):
+    cfg, mask, noise = _case(i)
+    params, struct, batch, nz = draw(cfg, seed=100 + i, mask=mask, noise=noise)
+    l_off, g_off = _grad(rule, cfg, params, struct, batch, nz, "offline")
+    l_on, g_on = _grad(rule, cfg, params, struct, batch, nz, "online")
+    np.testing.assert_allclose(l_on, l_off, rtol=1e-12)
+    assert_close(g_on, g_off, 1e-10)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+def test_exact_rules_equal_bptt(i):
+    cfg, mask, noise = _case(i)
+    params, struct, batch, nz = draw(cfg, seed=200 + i, mask=mask, noise=noise)
+    _, g_bptt = _grad(get_rule("bptt"), cfg, params, struct, batch, nz)
+    assert_close(_grad(get_rule("rtrl"), cfg, params, struct, batch, nz)[1], g_bptt)
+    for form in ("offline", "online"):
+        assert_close(_grad(get_rule("tbptt", k=batch.x.shape[1]), cfg, params, struct, batch, nz, form)[1], g_bptt)
+        assert_close(_grad(get_rule("tbptt", k=50), cfg, params, struct, batch, nz, form)[1], g_bptt)
+
+
+@pytest.mark.parametrize("i", range(0, len(CASES), 2), ids=CASE_IDS[::2])
+def test_reference_exact_equals_bptt(i):
+    """The brute-force reference itself reproduces autodiff (so it can judge the other rules)."""
+    cfg, mask, noise = _case(i)
+    params, struct, batch, nz = draw(cfg, seed=300 + i, mask=mask, noise=noise)
+    _, g_bptt = _grad(get_rule("bptt"), cfg, params, struct, batch, nz)
+    assert_close(ref.reference_gradient(cfg, params, struct, batch, "exact", xi=nz.xi), recurrent_part(g_bptt))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("i", range(1, len(CASES), 3), ids=CASE_IDS[1::3])
+def test_tbptt_matches_definition(i, k):
+    cfg, mask, noise = _case(i)
+    params, struct, batch, nz = draw(cfg, seed=400 + i, mask=mask, noise=noise)
+    expected = ref.reference_gradient(cfg, params, struct, batch, "tbptt", k=k, xi=nz.xi)
+    for form in ("offline", "online"):
+        assert_close(recurrent_part(_grad(get_rule("tbptt", k=k), cfg, params, struct, batch, nz, form)[1]), expected)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+def test_eprop_matches_definition_and_bptt_without_recurrence(i):
+    cfg, mask, noise = _case(i)
+    params, struct, batch, nz = draw(cfg, seed=500 + i, mask=mask, noise=noise)
+    expected = ref.reference_gradient(cfg, params, struct, batch, "eprop", xi=nz.xi)
+    assert_close(recurrent_part(_grad(get_rule("eprop"), cfg, params, struct, batch, nz)[1]), expected)
+    no_rec = params._replace(w_rec=jnp.zeros_like(params.w_rec))
+    _, g_bptt = _grad(get_rule("bptt"), cfg, no_rec, struct, batch, nz)
+    for form in ("offline", "online"):
+        assert_close(_grad(get_rule("eprop"), cfg, no_rec, struct, batch, nz, form)[1], g_bptt)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+def test_random_feedback_matches_definition(i):
+    cfg, mask, noise = _case(i)
+    params, struct, batch, nz = draw(cfg, seed=600 + i, mask=mask, noise=noise)
+    rule = get_rule("eprop_random")
+    fb = rule.init(cfg, params, struct, key=jax.random.PRNGKey(7))
+    expected = ref.reference_gradient(cfg, params, struct, batch, "eprop", feedback=fb, xi=nz.xi)
+    for form in ("offline", "online"):
+        _, g = rule_gradient(rule, cfg, params, struct, fb, batch, nz, form=form)
+        assert_close(recurrent_part(g), expected)
+        _, g_exact = _grad(get_rule("bptt"), cfg, params, struct, batch, nz)
+        np.testing.assert_allclose(g.w_out, g_exact.w_out, rtol=1e-12)  # readout stays exact
+
+
+@pytest.mark.parametrize("modulatory", ["cell_type", "exact"])
+@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+def test_mdgl_matches_one_hop_definition(i, modulatory):
+    cfg, mask, noise = _case(i)
+    params, struct, batch, nz = draw(cfg, seed=700 + i, mask=mask, noise=noise)
+    w_bar = modulatory_weights(cfg, params, struct, modulatory)
+    expected = ref.reference_gradient(cfg, params, struct, batch, "mdgl", w_bar=w_bar, xi=nz.xi)
+    for form in ("offline", "online"):
+        got = _grad(get_rule("mdgl", modulatory=modulatory), cfg, params, struct, batch, nz, form)[1]
+        assert_close(recurrent_part(got), expected)
+
+
+@pytest.mark.parametrize("i", range(0, len(CASES), 3), ids=CASE_IDS[::3])
+def test_mdgl_with_zero_modulatory_weights_is_eprop(i):
+    cfg, mask, noise = _case(i)
+    params, struct, batch, nz = draw(cfg, seed=800 + i, mask=mask, noise=noise)
+    zero = jnp.zeros((cfg.n_rec, cfg.n_rec))
+    _, g_eprop = _grad(get_rule("eprop"), cfg, params, struct, batch, nz)
+    for impl in (trace_rule_offline, trace_rule_online):
+        assert_close(impl(cfg, params, struct, batch, nz, params.w_out, zero)[1], g_eprop)
+
+
+def test_cell_type_modulatory_weights_are_block_means():
+    cfg = M.ModelConfig(3, 6, 2, dale_exc_fraction=0.5, connectivity=0.8)
+    params, struct = M.init(cfg, jax.random.PRNGKey(3), jnp.float64)
+    w_bar = np.asarray(modulatory_weights(cfg, params, struct, "cell_type"))
+    w = np.asarray(params.w_rec * struct.rec_mask)
+    types = np.asarray(struct.cell_type)
+    for a in range(2):
+        for b in range(2):
+            block = w[np.ix_(types == a, types == b)]
+            np.testing.assert_allclose(w_bar[np.ix_(types == a, types == b)], block.mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_rflo_on_rate_form_is_murray_2019(alpha):
+    """Direct transcription of Murray (2019), eLife, Eqs. for h, p_ij and ΔW (1/τ = 1 − α)."""
+    cfg = M.ModelConfig(2, 6, 1, form="rate", alpha=alpha, activation="tanh", loss="mse", bias=False)
+    params, struct, batch, _ = draw(cfg, seed=11, mask="every")
+    rule = get_rule("rflo")
+    B = np.asarray(rule.init(cfg, params, struct, key=jax.random.PRNGKey(2)))
+    _, g = rule_gradient(rule, cfg, params, struct, B, batch, form="online")
+    W, Win, Wout = (np.asarray(a) for a in (params.w_rec * struct.rec_mask, params.w_in, params.w_out))
+    inv_tau = 1 - alpha
+    n_seq, n_steps = batch.x.shape[:2]
+    dW, dWin = np.zeros_like(W), np.zeros_like(Win)
+    for b in range(n_seq):
+        h = np.zeros(6)
+        p, q = np.zeros_like(W), np.zeros_like(Win)
+        for t in range(n_steps):
+            x = np.asarray(batch.x[b, t])
+            u = W @ h + Win @ x
+            p = (1 - inv_tau) * p + inv_tau * np.outer(1 - np.tanh(u) ** 2, h)
+            q = (1 - inv_tau) * q + inv_tau * np.outer(1 - np.tanh(u) ** 2, x)
+            h = h + inv_tau * (-h + np.tanh(u))
+            err = np.asarray(batch.target[b, t]) - (Wout @ h + np.asarray(params.b_out))
+            dW += (B.T @ err)[:, None] * p / n_steps
+            dWin += (B.T @ err)[:, None] * q / n_steps
+    # Murray's ΔW is the descent direction (per unit η); creditscape's ĝ is the batch mean of −ΔW.
+    np.testing.assert_allclose(np.asarray(g.w_rec), -dW * np.asarray(struct.rec_mask) / n_seq, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(g.w_in), -dWin / n_seq, rtol=1e-10, atol=1e-14)
+
+
+def test_random_feedback_fixed_per_seed():
+    cfg = M.ModelConfig(3, 5, 2)
+    params, struct = M.init(cfg, jax.random.PRNGKey(0))
+    rule = get_rule("eprop_random")
+    b1 = rule.init(cfg, params, struct, key=jax.random.PRNGKey(4))
+    b2 = rule.init(cfg, params, struct, key=jax.random.PRNGKey(4))
+    b3 = rule.init(cfg, params, struct, key=jax.random.PRNGKey(5))
+    np.testing.assert_array_equal(b1, b2)
+    assert not np.allclose(b1, b3)
+    assert b1.shape == params.w_out.shape
+
+
+def test_eprop_trap_no_leak_last_step_loss():
+    """Paper's released setting: α = 0 and a last-step loss make e-prop a one-step truncation, and
+    W_in learns only from the last input step."""
+    cfg = M.ModelConfig(3, 5, 2, alpha=0.0, activation="relu")
+    params, struct, batch, nz = draw(cfg, seed=12, mask="last")
+    _, g = _grad(get_rule("eprop"), cfg, params, struct, batch, nz)
+    _, g_k1 = _grad(get_rule("tbptt", k=1), cfg, params, struct, batch, nz)
+    assert_close(g, g_k1)
+    s, r, _ = M.run(cfg, params, struct, batch.x)
+    y = M.readout(params, r)
+    e = jax.nn.softmax(y[:, -1]) - jax.nn.one_hot(batch.target[:, -1], 2)
+    delta = (e @ params.w_out) * phi_prime(cfg, s[:, -1]) / batch.x.shape[0]
+    np.testing.assert_allclose(g.w_in, delta.T @ batch.x[:, -1], rtol=1e-10)
+    # Changing every input but the last leaves ĝ_in's formula in terms of x_T only.
+    _, g_bptt = _grad(get_rule("bptt"), cfg, params, struct, batch, nz)
+    assert not np.allclose(g.w_in, g_bptt.w_in)
+
+
+def test_alignment_is_one_for_exact_rules_and_less_for_eprop():
+    cfg = M.ModelConfig(3, 5, 2, alpha=0.3, activation="tanh")
+    params, struct, batch, nz = draw(cfg, seed=13, mask="every")
+    for name in ("bptt", "rtrl"):
+        al = gradient_alignment(get_rule(name), cfg, params, struct, (), batch)
+        np.testing.assert_allclose([al.cosine, al.cosine_recurrent], 1.0, rtol=1e-12)
+    al = gradient_alignment(get_rule("eprop"), cfg, params, struct, (), batch)
+    assert -1 <= al.cosine_recurrent < 0.999
+    assert al.cosine_recurrent < al.cosine  # the exact readout pulls the overall cosine up
+
+
+def test_forms_are_checked_and_options_validated():
+    with pytest.raises(ValueError, match="has no 'online' form"):
+        get_rule("bptt").check_form("online")
+    with pytest.raises(ValueError, match="Unknown rule 'bptx'"):
+        get_rule("bptx")
+    with pytest.raises(ValueError, match="no option"):
+        get_rule("eprop", k=3)
+    with pytest.raises(ValueError, match="window k must be"):
+        get_rule("tbptt", k=0)
+    with pytest.raises(ValueError, match="modulatory must be"):
+        get_rule("mdgl", modulatory="avg")
+
+
+def test_user_defined_rule_registers_and_trains():
+    """The docs' example: a rule is one class plus @register."""
+
+    @dataclasses.dataclass(frozen=True)
+    class HalfEProp(Rule):
+        """ĝ = ½ ĝ_eprop (a toy: e-prop at half the step size)."""
+
+        name = "half_eprop_test"
+        formula = "g = 0.5 * g_eprop"
+        forms = ("offline",)
+
+        def gradient(self, cfg, params, struct, state, batch, noise, *, form):
+            loss, g = get_rule("eprop").gradient(cfg, params, struct, state, batch, noise, form=form)
+            return loss, jax.tree.map(lambda a: 0.5 * a, g)
+
+    register(HalfEProp)
+    try:
+        assert "half_eprop_test" in rule_names()
+        cfg = M.ModelConfig(3, 5, 2)
+        params, struct, batch, nz = draw(cfg, seed=14)
+        _, g = _grad(get_rule("half_eprop_test"), cfg, params, struct, batch, nz)
+        _, g_e = _grad(get_rule("eprop"), cfg, params, struct, batch, nz)
+        np.testing.assert_allclose(flat(g), 0.5 * flat(g_e), rtol=1e-12)
+        with pytest.raises(ValueError, match="already registered"):
+            register(HalfEProp)
+    finally:
+        _base._REGISTRY.pop("half_eprop_test")
