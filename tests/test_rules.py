@@ -19,6 +19,10 @@ from creditscape.rules._core import phi_prime, recurrent_part, trace_rule_offlin
 
 CASES = model_cases()
 CASE_IDS = [c[0] for c in CASES]
+# Reference comparisons are slow (dense Jacobians per step): run them on a subset that still
+# covers both forms, every α, both activations, noise on and off, every mask, and the special cases.
+SUBSET = sorted({i for i in range(len(CASES)) if i % 4 in (0, 3)} | set(range(12, len(CASES))))
+SUBSET_IDS = [CASE_IDS[i] for i in SUBSET]
 
 
 def _case(i):
@@ -49,7 +53,7 @@ def test_online_equals_offline(rule, i):
     assert_close(g_on, g_off, 1e-10)
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+@pytest.mark.parametrize("i", SUBSET, ids=SUBSET_IDS)
 def test_exact_rules_equal_bptt(i):
     cfg, mask, noise = _case(i)
     params, struct, batch, nz = draw(cfg, seed=200 + i, mask=mask, noise=noise)
@@ -79,7 +83,7 @@ def test_tbptt_matches_definition(i, k):
         assert_close(recurrent_part(_grad(get_rule("tbptt", k=k), cfg, params, struct, batch, nz, form)[1]), expected)
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+@pytest.mark.parametrize("i", SUBSET, ids=SUBSET_IDS)
 def test_eprop_matches_definition_and_bptt_without_recurrence(i):
     cfg, mask, noise = _case(i)
     params, struct, batch, nz = draw(cfg, seed=500 + i, mask=mask, noise=noise)
@@ -91,7 +95,7 @@ def test_eprop_matches_definition_and_bptt_without_recurrence(i):
         assert_close(_grad(get_rule("eprop"), cfg, no_rec, struct, batch, nz, form)[1], g_bptt)
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+@pytest.mark.parametrize("i", SUBSET, ids=SUBSET_IDS)
 def test_random_feedback_matches_definition(i):
     cfg, mask, noise = _case(i)
     params, struct, batch, nz = draw(cfg, seed=600 + i, mask=mask, noise=noise)
@@ -106,7 +110,7 @@ def test_random_feedback_matches_definition(i):
 
 
 @pytest.mark.parametrize("modulatory", ["cell_type", "exact"])
-@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+@pytest.mark.parametrize("i", SUBSET, ids=SUBSET_IDS)
 def test_mdgl_matches_one_hop_definition(i, modulatory):
     cfg, mask, noise = _case(i)
     params, struct, batch, nz = draw(cfg, seed=700 + i, mask=mask, noise=noise)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def _type_ok(value, annotation) -> bool:
     if isinstance(annotation, str):
         annotation = eval(annotation, {**vars(typing), "Rule": Rule})  # resolves postponed annotations
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
@@ -118,6 +119,10 @@ def _build(cls, values: dict, where: str, **fixed):
             raise ConfigError(f"{where}.{key}: expected {fields[key].type}, got {value!r} ({type(value).__name__}).")
         if isinstance(value, list):
             values = {**values, key: tuple(value)}
+    required = [f.name for f in fields.values() if f.default is dataclasses.MISSING and f.name not in fixed]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {missing}, e.g. `{missing[0]} = ...`.")
     try:
         return cls(**values, **fixed)
     except (TypeError, ValueError) as err:
@@ -162,6 +167,10 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
             raise ConfigError(f"--mnist-dir was given but task {cls.name!r} reads no MNIST files.")
         task_params["mnist_dir"] = mnist_dir
     task = _build(cls, task_params, f"[task] ({cls.name})")
+    try:
+        task.check()  # e.g. MNIST files present and valid, before anything else
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
     n_train, n_test = task_raw.get("n_train", 256), task_raw.get("n_test", 512)
     for key, value in (("n_train", n_train), ("n_test", n_test)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -196,10 +205,6 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
     name = raw.get("name", "experiment")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name: expected a non-empty string, got {name!r}.")
-    try:
-        task.check()
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(str(err)) from None
     return Experiment(
         name=name, seeds=tuple(seeds), data_seed=data_seed, task=task, n_train=n_train, n_test=n_test,
         noise_levels=tuple(float(v) for v in noise_levels), model=model, train=train, rules=specs,

@@ -1,0 +1,87 @@
+"""Compiled ensemble training: learning, constraints, divergence isolation, no recompilation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from creditscape import model as M
+from creditscape.rules import get_rule
+from creditscape.tasks import get_task, make_splits
+from creditscape.train import TrainConfig, init_ensemble, make_chunk, to_device, train_ensemble
+
+
+@pytest.fixture(scope="module")
+def cue():
+    task = get_task("cue_recall", delay=4)
+    return task, make_splits(task, 256, 256, seed=0)
+
+
+def test_bptt_reliably_learns_the_small_task(cue):
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 24, task.n_out)
+    tcfg = TrainConfig(learning_rate=3e-3, steps=300, eval_every=100)
+    res = train_ensemble(cfg, get_rule("bptt"), tcfg, range(4), s.train, {"train": s.train, "test": s.test}, progress=False)
+    assert res.losses.shape == (4, 300) and np.all(res.diverged_at == -1)
+    assert np.all(res.evals["test_accuracy"][:, -1] > 0.9), res.evals["test_accuracy"][:, -1]
+    assert np.all(res.evals["train_loss"][:, -1] < 0.3 * res.evals["train_loss"][:, 0])
+    np.testing.assert_allclose(res.evals["alignment"], 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule,form", [("eprop", "online"), ("mdgl", "offline"), ("tbptt", "online")])
+def test_dale_signs_and_mask_kept_through_training(cue, rule, form):
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 10, task.n_out, dale_exc_fraction=0.8, connectivity=0.7, alpha=0.5)
+    tcfg = TrainConfig(learning_rate=0.05, steps=40, eval_every=20, form=form, batch_size=8)
+    opts = {"k": 2} if rule == "tbptt" else {}
+    res = train_ensemble(cfg, get_rule(rule, **opts), tcfg, [0, 1], s.train, progress=False)
+    w, sign, mask = (np.asarray(a) for a in (res.params.w_rec, res.structs.sign, res.structs.rec_mask))
+    assert np.all(w * sign[:, None, :] >= 0)
+    assert np.all(w[mask == 0] == 0)
+    assert np.any(w != 0)
+
+
+def test_divergence_is_per_seed_and_chunk_compiles_once(cue):
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 8, task.n_out)
+    tcfg = TrainConfig(optimizer="sgd", learning_rate=0.1, steps=20, eval_every=10)
+    rule = get_rule("eprop")
+    train = to_device(s.train)
+    chunk = make_chunk(cfg, rule, tcfg)
+
+    def run(poison):
+        states, structs, rs = init_ensemble(cfg, rule, tcfg, [0, 1, 2], jnp.float32)
+        if poison:
+            w = states.params.w_rec.at[1].set(jnp.inf)
+            states = states._replace(params=states.params._replace(w_rec=w))
+        losses = []
+        for _ in range(2):
+            states, l = chunk(states, structs, rs, train)
+            losses.append(np.asarray(l))
+        return states, np.concatenate(losses, 1)
+
+    clean, clean_losses = run(False)
+    poisoned, poisoned_losses = run(True)
+    assert chunk._cache_size() == 1  # four calls, one compilation
+    assert list(np.asarray(poisoned.diverged_at)) == [-1, 0, -1]
+    assert np.all(np.isnan(poisoned_losses[1]))
+    for i in (0, 2):
+        np.testing.assert_array_equal(poisoned_losses[i], clean_losses[i])
+        np.testing.assert_array_equal(poisoned.params.w_rec[i], clean.params.w_rec[i])
+
+
+def test_same_seed_same_result(cue):
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 8, task.n_out, input_noise=0.1, rec_noise=0.05)
+    tcfg = TrainConfig(steps=20, eval_every=10)
+    a = train_ensemble(cfg, get_rule("mdgl"), tcfg, [3, 4], s.train, progress=False)
+    b = train_ensemble(cfg, get_rule("mdgl"), tcfg, [3, 4], s.train, progress=False)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    assert not np.array_equal(a.losses[0], a.losses[1])
+
+
+def test_train_config_errors():
+    with pytest.raises(ValueError, match="multiple of train.eval_every"):
+        TrainConfig(steps=105, eval_every=10)
+    with pytest.raises(ValueError, match="train.optimizer"):
+        TrainConfig(optimizer="rmsprop")
