@@ -45,3 +45,53 @@ def test_vmapped_over_seeds_equals_per_seed():
     for i in range(3):
         one = f(jax.tree.map(lambda a: a[i], params), jax.tree.map(lambda a: a[i], structs), keys[i])
         np.testing.assert_allclose(stacked[i], one, rtol=1e-10)
+
+
+def _small_hessian(seed=6):
+    cfg = M.ModelConfig(3, 5, 2, form="rate", alpha=0.5, activation="tanh")
+    params, struct, batch, _ = draw(cfg, seed=seed, mask="every")
+    f, x0 = block_loss(cfg, params, struct, batch, "recurrent", l2=0.0)
+    H = np.asarray(dense_hessian(cfg, params, struct, batch, "recurrent"))
+    return (lambda v: hvp(f, x0, v)), x0.shape[0], H
+
+
+def test_power_iteration_signed_rayleigh_quotient():
+    from creditscape.curvature import power_iteration
+
+    matvec, dim, H = _small_hessian()
+    vals = np.linalg.eigvalsh(H)
+    dominant = vals[np.argmax(np.abs(vals))]
+    res = power_iteration(matvec, jnp.ones(dim), rtol=1e-12, max_iter=5000)
+    np.testing.assert_allclose(res.value, dominant, rtol=1e-6)
+    # A matrix whose dominant eigenvalue is negative: the sign is kept.
+    A = jnp.diag(jnp.array([-3.0, 1.0, 2.0]))
+    np.testing.assert_allclose(power_iteration(lambda v: A @ v, jnp.ones(3), rtol=1e-14).value, -3.0, rtol=1e-8)
+
+
+def test_trace_estimators_converge_within_reported_error():
+    from creditscape.curvature import hutch_plus_plus, hutchinson
+
+    matvec, dim, H = _small_hessian()
+    exact = np.trace(H)
+    for estimator in (hutchinson, hutch_plus_plus):
+        est = estimator(matvec, dim, 60, jax.random.PRNGKey(1))
+        assert abs(est.value - exact) < 4 * est.stderr + 1e-10, (estimator.__name__, est, exact)
+        big = estimator(matvec, dim, 600, jax.random.PRNGKey(2))
+        assert big.stderr < est.stderr  # the reported error shrinks with the budget
+    full = hutch_plus_plus(matvec, dim, 3 * dim, jax.random.PRNGKey(3))  # sketch spans everything
+    np.testing.assert_allclose(full.value, exact, rtol=1e-8)
+
+
+def test_slq_moments_match_dense():
+    from creditscape.curvature import spectral_density
+
+    matvec, dim, H = _small_hessian()
+    dens = spectral_density(matvec, dim, steps=dim, n_vectors=200, key=jax.random.PRNGKey(4))
+    np.testing.assert_allclose(dens.weights.sum(axis=1), 1.0, rtol=1e-10)
+    lam = np.linalg.eigvalsh(H)
+    for p in (1, 2, 3):
+        exact = np.mean(lam**p)
+        scale = np.mean(np.abs(lam) ** p)
+        assert abs(dens.moment(p) - exact) < 0.25 * scale, (p, dens.moment(p), exact)
+    # With a full Krylov space each quadrature node set is the spectrum itself.
+    np.testing.assert_allclose(np.sort(dens.nodes[0]), lam, rtol=1e-6, atol=1e-9)

@@ -66,21 +66,16 @@ class Eigen(NamedTuple):
     vectors: jax.Array  # (k, dim)
 
 
-def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1) -> Eigen:
-    """Top-k (largest algebraic) eigenpairs of a symmetric operator by Lanczos with full
-    re-orthogonalization (two Gram–Schmidt passes per step keep the basis orthogonal to machine
-    precision, so no spurious copies of converged eigenvalues appear).
+def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int):
+    """Lanczos with full re-orthogonalization: (T, Q) with T the (steps × steps) tridiagonal
+    matrix and Q (steps, dim) the orthonormal Krylov basis, so that Q A Qᵀ = T.
 
-    Args:
-        matvec: v ↦ A v.
-        v0: start vector (dim,), need not be normalized; a warm start from the previous top
-            eigenvector converges faster.
-        steps: Krylov dimension m (≤ dim); cost m mat-vecs.
-        k: number of eigenpairs returned (≤ steps).
+    Two Gram–Schmidt passes per step keep Q orthogonal to machine precision, so no spurious
+    copies of converged eigenvalues appear. A start vector need not be normalized.
     """
     dim = v0.shape[0]
-    if not 1 <= k <= steps <= dim:
-        raise ValueError(f"lanczos: need 1 <= k ({k}) <= steps ({steps}) <= dim ({dim}).")
+    if not 1 <= steps <= dim:
+        raise ValueError(f"lanczos: need 1 <= steps ({steps}) <= dim ({dim}).")
     basis = jnp.zeros((steps, dim), v0.dtype).at[0].set(v0 / jnp.linalg.norm(v0))
     alphas = jnp.zeros((steps,), v0.dtype)
     betas = jnp.zeros((steps,), v0.dtype)
@@ -100,9 +95,113 @@ def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1) -> Eigen:
 
     basis, alphas, betas = jax.lax.fori_loop(0, steps, body, (basis, alphas, betas))
     tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    return tri, basis
+
+
+def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1) -> Eigen:
+    """Top-k (largest algebraic, signed) eigenpairs of a symmetric operator from ``steps``
+    Lanczos iterations (``steps`` mat-vecs). A warm start ``v0`` (e.g. the previous top
+    eigenvector) converges faster."""
+    if not 1 <= k <= steps:
+        raise ValueError(f"lanczos: need 1 <= k ({k}) <= steps ({steps}).")
+    tri, basis = lanczos_tridiagonal(matvec, v0, steps)
     vals, vecs = jnp.linalg.eigh(tri)
     order = jnp.argsort(-vals)[:k]
-    return Eigen(vals[order], (vecs[:, order].T @ basis))
+    return Eigen(vals[order], vecs[:, order].T @ basis)
+
+
+class PowerResult(NamedTuple):
+    value: jax.Array  # signed Rayleigh quotient vᵀAv of the final unit vector
+    vector: jax.Array
+    iterations: jax.Array
+
+
+def power_iteration(matvec: Callable, v0: jax.Array, *, rtol: float = 1e-6, max_iter: int = 500) -> PowerResult:
+    """The eigenvalue of largest magnitude, reported as the signed Rayleigh quotient.
+
+    Iterates v ← Av/‖Av‖ until successive Rayleigh quotients differ by at most rtol·|λ| (or
+    ``max_iter``). Unlike ‖Av‖ (what the paper's code reported) it keeps the sign, so a negative
+    dominant eigenvalue is not mistaken for a sharp positive one. Converges at rate |λ₂/λ₁|.
+    """
+
+    def cond(c):
+        _, lam, prev, i = c
+        return (i < max_iter) & (jnp.abs(lam - prev) > rtol * jnp.abs(lam))
+
+    def body(c):
+        v, lam, _, i = c
+        w = matvec(v)
+        v_new = w / jnp.linalg.norm(w)
+        return v_new, jnp.vdot(v_new, matvec(v_new)), lam, i + 1
+
+    v = v0 / jnp.linalg.norm(v0)
+    lam0 = jnp.vdot(v, matvec(v))
+    v, lam, _, i = jax.lax.while_loop(cond, body, (v, lam0, lam0 + 1 + jnp.abs(lam0), 0))
+    return PowerResult(lam, v, i)
+
+
+class TraceEstimate(NamedTuple):
+    value: jax.Array
+    stderr: jax.Array  # standard error of the estimate
+
+
+def hutchinson(matvec: Callable, dim: int, n: int, key: jax.Array, dtype=jnp.float64) -> TraceEstimate:
+    """tr(A) ≈ (1/n) Σ zᵀAz with Rademacher z (unbiased: E[zzᵀ] = I); n mat-vecs.
+
+    References: Hutchinson, "A stochastic estimator of the trace of the influence matrix for
+    Laplacian smoothing splines", 1989.
+    """
+    z = jax.random.rademacher(key, (n, dim), dtype)
+    samples = jax.vmap(lambda v: jnp.vdot(v, matvec(v)))(z)
+    return TraceEstimate(samples.mean(), samples.std(ddof=1) / jnp.sqrt(n))
+
+
+def hutch_plus_plus(matvec: Callable, dim: int, n: int, key: jax.Array, dtype=jnp.float64) -> TraceEstimate:
+    """Hutch++: exact trace on a sketched top subspace plus Hutchinson on the rest; n mat-vecs
+    (n/3 sketch, n/3 projection, n/3 residual). The error is that of the residual part.
+
+    References: Meyer, Musco, Musco & Woodruff, "Hutch++: optimal stochastic trace estimation",
+    SOSA 2021. https://arxiv.org/abs/2010.09649
+    """
+    m = max(n // 3, 2)
+    k1, k2 = jax.random.split(key)
+    mv = jax.vmap(matvec, in_axes=1, out_axes=1)
+    q, _ = jnp.linalg.qr(mv(jax.random.rademacher(k1, (dim, m), dtype)))
+    top = jnp.trace(q.T @ mv(q))
+    g = jax.random.rademacher(k2, (dim, m), dtype)
+    g = g - q @ (q.T @ g)
+    ag = mv(g)
+    samples = jnp.sum(g * (ag - q @ (q.T @ ag)), axis=0)
+    return TraceEstimate(top + samples.mean(), samples.std(ddof=1) / jnp.sqrt(m))
+
+
+class SpectralDensity(NamedTuple):
+    nodes: jax.Array  # (n_vectors, steps) Ritz values
+    weights: jax.Array  # (n_vectors, steps) Gauss quadrature weights, each row sums to 1
+
+    def moment(self, p: int) -> jax.Array:
+        """∫ λ^p dμ ≈ tr(A^p) / dim."""
+        return jnp.mean(jnp.sum(self.weights * self.nodes**p, axis=1))
+
+
+def spectral_density(matvec: Callable, dim: int, steps: int, n_vectors: int, key: jax.Array,
+                     dtype=jnp.float64) -> SpectralDensity:
+    """Stochastic Lanczos quadrature: for each random unit vector v, the Ritz values θ_k of a
+    ``steps``-step Lanczos run from v and weights τ_k = (first component of the k-th Ritz
+    vector)², so that Σ_k τ_k f(θ_k) ≈ vᵀ f(A) v (exact for polynomials of degree < 2·steps).
+
+    References: Lin, Saad & Yang, "Approximating spectral densities of large matrices", SIAM
+    Review 2016; Ghorbani, Krishnan & Xiao, "An investigation into neural net optimization via
+    Hessian eigenvalue density", ICML 2019.
+    """
+
+    def one(k):
+        tri, _ = lanczos_tridiagonal(matvec, jax.random.normal(k, (dim,), dtype), steps)
+        theta, vecs = jnp.linalg.eigh(tri)
+        return theta, vecs[0] ** 2
+
+    nodes, weights = jax.vmap(one)(jax.random.split(key, n_vectors))
+    return SpectralDensity(nodes, weights)
 
 
 def top_eigenvalues(

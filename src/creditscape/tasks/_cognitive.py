@@ -36,6 +36,16 @@ def _bump(theta_target: np.ndarray, strength: np.ndarray, dim_ring: int) -> np.n
     return np.cos(_ring(dim_ring)[None, :] - theta_target[:, None]) * strength[:, None] + 0.5
 
 
+def _decide(x, target, mask, n_decision, answer, score_fixation) -> Batch:
+    """Targets ``answer`` (n,) and mask 1 on the last ``n_decision`` steps (mask 1 everywhere if
+    fixation is scored too; its target is 0 = fixate)."""
+    target[:, -n_decision:] = answer[:, None]
+    mask[:, -n_decision:] = 1.0
+    if score_fixation:
+        mask[:] = 1.0
+    return Batch(x, target, mask)
+
+
 def _validate_positive(task, *names):
     for n in names:
         if getattr(task, n) <= 0:
@@ -84,11 +94,7 @@ class PerceptualDecision(Task):
         bump = _bump(_ring(self.dim_ring)[choice], coh / 200.0, self.dim_ring)
         noise = self.sigma / np.sqrt(self.dt) * rng.standard_normal((n, stim, self.dim_ring))
         x[:, fix : fix + stim, 1:] = bump[:, None, :] + noise
-        target[:, n_steps - dec :] = 1 + choice[:, None]
-        mask[:, n_steps - dec :] = 1.0
-        if self.score_fixation:
-            mask[:] = 1.0
-        return Batch(x, target, mask)
+        return _decide(x, target, mask, dec, 1 + choice, self.score_fixation)
 
     def shifts(self):
         return {
@@ -149,11 +155,7 @@ class DelayedMatchToSample(Task):
         t0 = fix + smp + delay
         x[:, t0 : t0 + tst, 1:] = _bump(ring[test], half, self.dim_ring)[:, None, :]
         x[:, : n_steps - dec, 1:] += self.sigma / np.sqrt(self.dt) * rng.standard_normal((n, n_steps - dec, self.dim_ring))
-        target[:, n_steps - dec :] = np.where(match, 1, 2)[:, None]
-        mask[:, n_steps - dec :] = 1.0
-        if self.score_fixation:
-            mask[:] = 1.0
-        return Batch(x, target, mask)
+        return _decide(x, target, mask, dec, np.where(match, 1, 2), self.score_fixation)
 
     def shifts(self):
         return {
