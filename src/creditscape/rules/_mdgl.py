@@ -62,5 +62,5 @@ class MDGL(Rule):
             raise ValueError(f"mdgl: modulatory must be one of {MODULATORY}, got {self.modulatory!r}.")
 
     def gradient(self, cfg, params, struct, state, batch, noise, *, form):
-        w_bar = jax.lax.stop_gradient(modulatory_weights(cfg, params, struct, self.modulatory))
+        w_bar = modulatory_weights(cfg, params, struct, self.modulatory)
         return _trace_rule(self.check_form(form), cfg, params, struct, batch, noise, params.w_out, w_bar)

@@ -1,0 +1,96 @@
+"""The linear-stability check of DESIGN.md §5: the rule's update-map Jacobian Ĵ and its gain.
+
+Gradient descent θ ← θ − η ĝ(θ) near a fixed point has Jacobian I − η Ĵ with Ĵ = ∂ĝ/∂θ. For the
+exact gradient Ĵ = H (symmetric) and stability requires λ_max(H) < 2/η. An approximate rule has a
+non-symmetric Ĵ; if it shrinks the update along the sharpest direction v₁ of H, i.e. the gain
+
+    ρ = v₁ᵀ Ĵ v₁ / λ₁   (λ₁, v₁ the top eigenpair of H)
+
+is below 1, the rule can settle where λ_max(H) ≈ 2/(η ρ) > 2/η: in sharper minima.
+
+Ĵ-vector products are ``jax.jvp`` through the rule's gradient estimate on a parameter block with
+the others held fixed, on a fixed batch without noise; the L2 term adds λ·v.
+
+.. warning:: Ĵ is taken through the rule's **online** form whenever it has one. The offline
+   forms cut the recurrent path with ``jax.lax.stop_gradient``, which zeroes forward-mode
+   tangents too: a ``jvp`` through them would miss how r_{t-1} and the learning signal move with
+   θ and return a wrong (symmetric) Ĵ. The online forms compute the same ĝ with explicit traces
+   and no ``stop_gradient``, so forward mode through them is exact. (DESIGN.md §5 said "jvp
+   through the rule's offline gradient"; that is corrected here.)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse.linalg as spla
+from jax.flatten_util import ravel_pytree
+
+from creditscape.curvature import _insert, _select
+from creditscape.model import ModelConfig, Params, Structure
+from creditscape.objective import Batch, l2_gradient
+from creditscape.rules import Rule, rule_gradient
+
+
+def estimate_on_block(
+    rule: Rule, cfg: ModelConfig, params: Params, struct: Structure, rule_state, batch: Batch,
+    block: str = "w_rec", l2: float = 0.0, *, form: str | None = None,
+) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
+    """(ĝ_block as a function of the flattened block, the block's value); L2 gradient included.
+
+    ``form=None`` picks the online form when the rule has one (see the module warning)."""
+    if form is None:
+        form = "online" if "online" in rule.forms else rule.forms[0]
+    x0, unravel = ravel_pytree(_select(params, block))
+
+    def g(x):
+        p = _insert(params, block, unravel(x))
+        _, grads = rule_gradient(rule, cfg, p, struct, rule_state, batch, form=form)
+        if l2:
+            grads = jax.tree.map(lambda a, b: a + l2 * b, grads, l2_gradient(p))
+        return ravel_pytree(_select(grads, block))[0]
+
+    return g, x0
+
+
+def jacobian_vector_product(g: Callable, x: jax.Array, v: jax.Array) -> jax.Array:
+    """Ĵ v = d/dε ĝ(x + εv) at ε = 0 (forward mode through the rule's estimate)."""
+    return jax.jvp(g, (x,), (v,))[1]
+
+
+def dense_update_jacobian(g: Callable, x: jax.Array) -> jax.Array:
+    """Ĵ as a dense matrix (small models; the reference for the Arnoldi eigenvalues)."""
+    return jax.jacfwd(g)(x)
+
+
+def leading_eigenvalues(matvec: Callable, dim: int, k: int = 6, *, seed: int = 0) -> np.ndarray:
+    """The k eigenvalues of largest real part of a non-symmetric operator by implicitly restarted
+    Arnoldi (``scipy.sparse.linalg.eigs`` on a ``LinearOperator``), sorted by real part, descending.
+    For dim ≤ k + 1 (too small for Arnoldi) the dense matrix is built from dim mat-vecs instead."""
+    mv = jax.jit(matvec)
+    if dim <= k + 1:
+        dense = np.stack([np.asarray(mv(jnp.eye(dim)[i])) for i in range(dim)], axis=1)
+        vals = np.linalg.eigvals(dense)
+    else:
+        op = spla.LinearOperator((dim, dim), matvec=lambda v: np.asarray(mv(jnp.asarray(v.ravel()))), dtype=np.float64)
+        v0 = np.random.default_rng(seed).standard_normal(dim)
+        vals = spla.eigs(op, k=k, which="LR", v0=v0, return_eigenvectors=False, tol=1e-10)
+    return vals[np.argsort(-vals.real)][:k]
+
+
+class StabilityCheck(NamedTuple):
+    lambda_max: float  # top eigenvalue of H (exact loss, same block and L2)
+    rho: float  # v₁ᵀ Ĵ v₁ / λ₁
+    bound_gd: float  # 2/η
+    bound_rule: float  # 2/(η ρ): the sharpness up to which the rule's dynamics can be stable
+
+
+def stability_check(jvp_rule: Callable, lambda_1: float, v_1: jax.Array, learning_rate: float) -> StabilityCheck:
+    """The gain ρ of a rule along the top Hessian eigenvector and the predicted bounds."""
+    v = v_1 / jnp.linalg.norm(v_1)
+    rho = float(jnp.vdot(v, jvp_rule(v)) / lambda_1)
+    bound_rule = 2.0 / (learning_rate * rho) if rho > 0 else float("inf")
+    return StabilityCheck(float(lambda_1), rho, 2.0 / learning_rate, bound_rule)
