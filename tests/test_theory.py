@@ -43,12 +43,13 @@ def test_update_jacobian_matches_finite_differences_of_the_estimate(name):
     cfg = M.ModelConfig(3, 5, 2, form="rate", alpha=0.4, activation="tanh")
     params, struct, batch, _ = draw(cfg, seed=4, mask="every")
     rule = get_rule(name)
-    g, x0 = estimate_on_block(rule, cfg, params, struct, (), batch, "recurrent")
-    g_off, _ = estimate_on_block(rule, cfg, params, struct, (), batch, "recurrent", form="offline")
+    g_off, x0 = estimate_on_block(rule, cfg, params, struct, (), batch, "recurrent", form="offline")
+    g_on, _ = estimate_on_block(rule, cfg, params, struct, (), batch, "recurrent", form="online")
     v = jax.random.normal(jax.random.PRNGKey(5), x0.shape)
     eps = 1e-5
     fd = (g_off(x0 + eps * v) - g_off(x0 - eps * v)) / (2 * eps)
-    np.testing.assert_allclose(jacobian_vector_product(g, x0, v), fd, rtol=1e-6, atol=1e-9)
+    for g in (g_off, g_on):
+        np.testing.assert_allclose(jacobian_vector_product(g, x0, v), fd, rtol=1e-6, atol=1e-9)
 
 
 def test_gain_is_one_for_bptt_and_bounds():

@@ -31,6 +31,7 @@ import pandas as pd
 from creditscape import __version__
 from creditscape.config import Experiment, RuleSpec, resolved_dict
 from creditscape.curvature import top_eigenvalues
+from creditscape.theory import estimate_on_block, jacobian_vector_product
 from creditscape.objective import Batch
 from creditscape.tasks import make_splits
 from creditscape.train import TrainResult, to_device, train_ensemble
@@ -70,20 +71,26 @@ def atomic_write_bytes(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def measure_lambda_max(exp: Experiment, result: TrainResult, curvature_batch: Batch) -> np.ndarray:
-    """λ_max of the exact loss Hessian on the configured block, every seed in one compiled call."""
+def measure_curvature(exp: Experiment, spec: RuleSpec, result: TrainResult, curvature_batch: Batch) -> dict:
+    """Per seed, in one compiled call: λ_max of the exact loss Hessian on the configured block
+    (Lanczos), and the rule's gain ρ = v₁ᵀĴv₁/λ₁ along the top eigenvector (DESIGN.md §5)."""
     m = exp.measure
     l2 = exp.train.l2 if m.l2_in_curvature else 0.0
     keys = jax.random.split(jax.random.PRNGKey(exp.data_seed), len(exp.seeds))
 
     @jax.jit
     @jax.vmap
-    def one(params, struct, key):
+    def one(params, struct, rule_state, key):
         eig = top_eigenvalues(exp.model, params, struct, curvature_batch, key=key, block=m.curvature_block,
                               l2=l2, steps=m.lanczos_steps)
-        return eig.values[0]
+        g, x0 = estimate_on_block(spec.rule, exp.model, params, struct, rule_state, curvature_batch,
+                                  m.curvature_block, l2)
+        v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
+        rho = jnp.vdot(v1, jacobian_vector_product(g, x0, v1)) / eig.values[0]
+        return eig.values[0], rho
 
-    return np.asarray(one(result.params, result.structs, keys))
+    lam, rho = one(result.params, result.structs, result.rule_states, keys)
+    return {"lambda_max": np.asarray(lam), "rho": np.asarray(rho)}
 
 
 def _run_rule(exp: Experiment, spec: RuleSpec, splits, eval_sets, progress) -> dict:
@@ -93,15 +100,14 @@ def _run_rule(exp: Experiment, spec: RuleSpec, splits, eval_sets, progress) -> d
                             progress=f"{spec.label}" if progress else False)
     train_time = time.perf_counter() - start
     curvature_batch = to_device(Batch(*(a[: exp.measure.curvature_batch] for a in splits.train)))
-    lam = measure_lambda_max(exp, result, curvature_batch)
-    out = {
+    out = measure_curvature(exp, spec, result, curvature_batch)
+    out.update({
         "diverged_at": result.diverged_at,
         "losses": result.losses,
         "eval_steps": result.eval_steps,
-        "lambda_max": lam,
         "train_seconds": np.float64(train_time),
         "measure_seconds": np.float64(time.perf_counter() - start - train_time),
-    }
+    })
     out.update({f"eval/{k}": v for k, v in result.evals.items()})
     for name, leaf in zip(result.params._fields, result.params):
         if leaf is not None:
@@ -115,6 +121,7 @@ def _tables(exp: Experiment, runs: dict[str, dict], set_names: list[str]):
         for si, seed in enumerate(exp.seeds):
             row = {"rule": spec.label, "rule_name": spec.rule.name, "form": spec.form, "seed": seed,
                    "diverged_at": int(r["diverged_at"][si]), "lambda_max": float(r["lambda_max"][si]),
+                   "rho": float(r["rho"][si]),
                    "train_seconds": float(r["train_seconds"]) / len(exp.seeds)}
             for k in r:
                 if k.startswith("eval/"):

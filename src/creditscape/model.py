@@ -248,8 +248,8 @@ def step(
     """One time step on a batch: returns (s_t, r_t, u_t), each (B, N).
 
     ``recurrent_input`` transforms r_{t-1} where (and only where) it enters the recurrent drive
-    W_rec r_{t-1}; learning rules use it to cut the recurrent path from the gradient graph
-    (``jax.lax.stop_gradient`` gives e-prop's graph). Values are unchanged.
+    W_rec r_{t-1}; learning rules use it to hold r_{t-1} at a precomputed value there, which cuts
+    the recurrent path from the gradient graph (e-prop's graph).
     """
     r_prev = activity(cfg, s_prev)
     u = recurrent_input(r_prev) @ (params.w_rec * struct.rec_mask).T + x_t @ params.w_in.T

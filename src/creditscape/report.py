@@ -67,7 +67,7 @@ def correlation(x: np.ndarray, y: np.ndarray, *, n_boot: int = 2000, seed: int =
 def summary_table(final: pd.DataFrame) -> pd.DataFrame:
     """Per rule: mean ± sd over non-diverged seeds of the key metrics, and the diverged count."""
     columns = [c for c in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "gap_loss",
-                           "lambda_max", "alignment_recurrent") if c in final]
+                           "lambda_max", "rho", "alignment_recurrent") if c in final]
     rows = []
     for rule, g in final.groupby("rule", sort=False):
         ok = g[g.diverged_at < 0]
@@ -196,7 +196,9 @@ def write_report(folder: str | Path) -> Path:
           "λ_max: top Hessian eigenvalue of the exact training loss"
           + (" (L2 included)" if config["measure"]["l2_in_curvature"] else "")
           + f" w.r.t. `{config['measure']['curvature_block']}`, Lanczos with {config['measure']['lanczos_steps']} steps "
-          f"on the first {config['measure']['curvature_batch']} training sequences. Gap: test − train loss on fixed sets.",
+          f"on the first {config['measure']['curvature_batch']} training sequences. Gap: test − train loss on fixed sets. "
+          "ρ = v₁ᵀĴv₁/λ₁: the rule's gain along the top Hessian eigenvector v₁ (Ĵ = ∂ĝ/∂θ on the same block); "
+          "under SGD with step η the rule can be stable up to λ_max ≈ 2/(ηρ) instead of 2/η.",
           "", "## Figures", ""] + [f"![{t}]({p})" for t, p in images]
     (folder / "report.md").write_text("\n".join(md) + "\n")
 

@@ -11,12 +11,10 @@ is below 1, the rule can settle where λ_max(H) ≈ 2/(η ρ) > 2/η: in sharper
 Ĵ-vector products are ``jax.jvp`` through the rule's gradient estimate on a parameter block with
 the others held fixed, on a fixed batch without noise; the L2 term adds λ·v.
 
-.. warning:: Ĵ is taken through the rule's **online** form whenever it has one. The offline
-   forms cut the recurrent path with ``jax.lax.stop_gradient``, which zeroes forward-mode
-   tangents too: a ``jvp`` through them would miss how r_{t-1} and the learning signal move with
-   θ and return a wrong (symmetric) Ĵ. The online forms compute the same ĝ with explicit traces
-   and no ``stop_gradient``, so forward mode through them is exact. (DESIGN.md §5 said "jvp
-   through the rule's offline gradient"; that is corrected here.)
+Offline forms hold their cut quantities (r_{t-1} in the recurrent drive, s_{t-K}, the learning
+signal) as values computed outside the differentiated function instead of with
+``jax.lax.stop_gradient``, which would also zero their forward-mode tangents and make Ĵ wrong
+(DESIGN.md §5's "jvp through the offline gradient" holds only with this construction).
 """
 
 from __future__ import annotations
@@ -39,11 +37,7 @@ def estimate_on_block(
     rule: Rule, cfg: ModelConfig, params: Params, struct: Structure, rule_state, batch: Batch,
     block: str = "w_rec", l2: float = 0.0, *, form: str | None = None,
 ) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
-    """(ĝ_block as a function of the flattened block, the block's value); L2 gradient included.
-
-    ``form=None`` picks the online form when the rule has one (see the module warning)."""
-    if form is None:
-        form = "online" if "online" in rule.forms else rule.forms[0]
+    """(ĝ_block as a function of the flattened block, the block's value); L2 gradient included."""
     x0, unravel = ravel_pytree(_select(params, block))
 
     def g(x):

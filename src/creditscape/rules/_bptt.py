@@ -45,7 +45,7 @@ class TruncatedBPTT(Rule):
     K = 1 keeps the immediate term only; K ≥ T is BPTT. A learned initial state enters through
     step 1's immediate term. The readout gets its exact gradient.
 
-    * offline: for every t, K steps re-run from ``stop_gradient(s_{t-K})`` and differentiated
+    * offline: for every t, K steps re-run from the forward value of s_{t-K} (held fixed) and differentiated
       (cost O(T·K) steps, vmapped over t);
     * online: the last K immediate terms carried forward by the exact Jacobian (RTRL with a
       window; O(K·N·P) memory, small networks only).
@@ -77,7 +77,8 @@ def _tbptt_offline(cfg, params, struct, batch, noise, k):
     loss, e, g_w_out, g_b_out = output_error(cfg, params, r_all, batch)
     signal = jnp.swapaxes(e @ params.w_out, 0, 1)  # (T, B, N): ∂L/∂r_t through readout t
     n_steps = batch.x.shape[1]
-    s_all = jax.lax.stop_gradient(s_all)
+    # s_all and the signal are values from outside the differentiated function: reverse mode does
+    # not flow through them (the cut), forward mode still does (see creditscape.theory).
 
     def window_activity(p, t):
         """r_t computed from s_{t-K} (cut) through steps t-K+1..t; t counts from 1."""

@@ -57,15 +57,30 @@ def trace_rule_offline(
     feedback: jax.Array,
     w_bar: jax.Array | None,
 ) -> tuple[jax.Array, Params]:
-    """Offline e-prop family: ĝ = ∇_θ Σ_t ⟨stop_gradient(L̃_t), r_t⟩ through the graph in which
-    r_{t-1} is cut where it enters the recurrent drive (and nowhere else), plus exact readout
-    gradients."""
+    """Offline e-prop family: ĝ = ∇_θ Σ_t ⟨L̃_t, r̃_t(θ)⟩ + exact readout gradients, where r̃ is the
+    network with r_{t-1} frozen at its forward-pass value c_{t-1} where (and only where) it enters
+    the recurrent drive, and L̃_t is computed from the forward pass.
 
-    def activities(p):
-        s, r, u = _model.run(cfg, p, struct, noise.x, noise.xi, recurrent_input=jax.lax.stop_gradient)
-        return r, (s, u)
+    The frozen values and L̃ are computed outside the differentiated function rather than with
+    ``stop_gradient``: reverse mode then ignores them as it should, while forward mode (``jvp``
+    through ĝ, for the update-map Jacobian of :mod:`creditscape.theory`) still sees how they move
+    with θ. ``stop_gradient`` would zero those tangents too.
+    """
+    s, r, u = _model.run(cfg, params, struct, noise.x, noise.xi)
+    s_init = _model.initial_state(cfg, params, batch.x.shape[0])
+    r_prev = jnp.concatenate([_model.activity(cfg, s_init)[:, None], r[:, :-1]], axis=1)
+    xis = None if noise.xi is None else jnp.swapaxes(noise.xi, 0, 1)
+    inputs = (jnp.swapaxes(noise.x, 0, 1), xis, jnp.swapaxes(r_prev, 0, 1))
 
-    r, pullback, (s, u) = jax.vjp(activities, params, has_aux=True)
+    def truncated_activities(p):
+        def body(s_prev, inp):
+            x_t, xi_t, c_t = inp
+            s_t, r_t, _ = _model.step(cfg, p, struct, s_prev, x_t, xi_t, recurrent_input=lambda _: c_t)
+            return s_t, r_t
+
+        _, r_trunc = jax.lax.scan(body, _model.initial_state(cfg, p, batch.x.shape[0]), inputs)
+        return jnp.swapaxes(r_trunc, 0, 1)
+
     loss, e, g_w_out, g_b_out = output_error(cfg, params, r, batch)
     signal = e @ feedback
     if w_bar is not None:
@@ -73,7 +88,8 @@ def trace_rule_offline(
         slope_next = jnp.concatenate([slope[:, 1:], jnp.zeros_like(slope[:, :1])], axis=1)
         signal_next = jnp.concatenate([signal[:, 1:], jnp.zeros_like(signal[:, :1])], axis=1)
         signal = signal + mdgl_hop(cfg, signal_next, slope_next, w_bar)
-    (g,) = pullback(jax.lax.stop_gradient(signal))
+    _, pullback = jax.vjp(truncated_activities, params)
+    (g,) = pullback(signal)
     return loss, g._replace(w_out=g_w_out, b_out=g_b_out)
 
 
