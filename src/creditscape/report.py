@@ -145,6 +145,7 @@ def write_report(folder: str | Path) -> Path:
                                        ("lambda_max", f"λ_max ({config['measure']['curvature_block']})")]):
         _strip(ax, final[final.diverged_at < 0], col, colors, rules)
         ax.set_title(title)
+    axes[2].set_yscale("symlog", linthresh=1e-2)  # rules differ by orders of magnitude
     if train["optimizer"] == "sgd":
         axes[2].axhline(2 / train["learning_rate"], color="gray", ls="--", label="2/η")
         axes[2].legend(fontsize=8)
