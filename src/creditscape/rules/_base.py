@@ -16,6 +16,7 @@ and ``forms``, and decorate with :func:`register`. The shared test matrix then c
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ _REGISTRY: dict[str, type["Rule"]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class Rule(abc.ABC):
     """Base class of learning rules. Subclasses are frozen dataclasses of their options."""
 
     name: ClassVar[str]
@@ -42,6 +43,7 @@ class Rule:
         del cfg, params, struct, key
         return ()
 
+    @abc.abstractmethod
     def gradient(
         self,
         cfg: ModelConfig,
@@ -54,7 +56,6 @@ class Rule:
         form: str,
     ) -> tuple[jax.Array, Params]:
         """Return (exact loss of the batch, gradient estimate ĝ with the structure of ``params``)."""
-        raise NotImplementedError  # abstract: every registered rule overrides it
 
     def check_form(self, form: str | None) -> str:
         """Resolve ``None`` to the default form; refuse a form this rule does not have."""

@@ -8,6 +8,7 @@ sets from explicit seeds, so a data set is a pure function of (task, sizes, seed
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar, NamedTuple
 
@@ -19,7 +20,7 @@ _REGISTRY: dict[str, type["Task"]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Task(abc.ABC):
     """Base class: a frozen dataclass of the task's parameters."""
 
     name: ClassVar[str]
@@ -29,17 +30,19 @@ class Task:
     input_range: ClassVar[tuple[float, float] | None] = None
 
     @property
+    @abc.abstractmethod
     def n_in(self) -> int:
-        raise NotImplementedError  # abstract
+        """Inputs per step."""
 
     @property
+    @abc.abstractmethod
     def n_out(self) -> int:
-        raise NotImplementedError  # abstract
+        """Readout size (classes, or regression outputs)."""
 
+    @abc.abstractmethod
     def generate(self, n: int, rng: np.random.Generator, *, split: str) -> Batch:
         """Draw ``n`` trials. ``split`` is "train" or "test" (file-backed tasks pick disjoint
         examples by it; generators ignore it and rely on disjoint seeds)."""
-        raise NotImplementedError  # abstract
 
     def shifts(self) -> dict[str, "Task"]:
         """Task-specific distribution shifts for perturbed test sets (name → shifted task)."""
