@@ -97,3 +97,25 @@ def test_train_config_errors():
         TrainConfig(steps=105, eval_every=10)
     with pytest.raises(ValueError, match="train.optimizer"):
         TrainConfig(optimizer="rmsprop")
+
+
+def test_curvature_probe_along_training(cue):
+    from creditscape.curvature import top_eigenvalues
+    from creditscape.objective import Batch
+    from creditscape.train import CurvatureProbe
+
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 6, task.n_out)
+    probe_batch = to_device(Batch(*(a[:64] for a in s.train)))
+    probe = CurvatureProbe(probe_batch, block="w_rec", l2=0.01, steps=30)
+    tcfg = TrainConfig(steps=40, eval_every=20, l2=0.01)
+    res = train_ensemble(cfg, get_rule("bptt"), tcfg, [0, 1], s.train, probe=probe, progress=False)
+    assert res.evals["lambda_max"].shape == (2, 3) and res.eval_seconds.shape == (3,)
+    np.testing.assert_allclose(res.evals["rho"], 1.0, rtol=1e-4)  # Ĵ = H for the exact gradient
+    for i in range(2):
+        params = jax.tree.map(lambda a: a[i], res.params)
+        struct = jax.tree.map(lambda a: a[i], res.structs)
+        exact = top_eigenvalues(cfg, params, struct, probe_batch, key=jax.random.PRNGKey(9), l2=0.01, steps=30)
+        np.testing.assert_allclose(res.evals["lambda_max"][i, -1], exact.values[0], rtol=1e-3)
+    res_e = train_ensemble(cfg, get_rule("eprop"), tcfg, [0, 1], s.train, probe=probe, progress=False)
+    assert np.all(np.isfinite(res_e.evals["rho"])) and not np.allclose(res_e.evals["rho"][:, -1], 1.0)

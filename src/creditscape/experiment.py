@@ -24,17 +24,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from creditscape import __version__
 from creditscape.config import Experiment, RuleSpec, resolved_dict
-from creditscape.curvature import top_eigenvalues
-from creditscape.theory import estimate_on_block, jacobian_vector_product
 from creditscape.objective import Batch
 from creditscape.tasks import make_splits
-from creditscape.train import TrainResult, to_device, train_ensemble
+from creditscape.train import CurvatureProbe, to_device, train_ensemble
 
 
 def environment() -> dict:
@@ -71,43 +68,26 @@ def atomic_write_bytes(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def measure_curvature(exp: Experiment, spec: RuleSpec, result: TrainResult, curvature_batch: Batch) -> dict:
-    """Per seed, in one compiled call: λ_max of the exact loss Hessian on the configured block
-    (Lanczos), and the rule's gain ρ = v₁ᵀĴv₁/λ₁ along the top eigenvector (DESIGN.md §5)."""
-    m = exp.measure
-    l2 = exp.train.l2 if m.l2_in_curvature else 0.0
-    keys = jax.random.split(jax.random.PRNGKey(exp.data_seed), len(exp.seeds))
-
-    @jax.jit
-    @jax.vmap
-    def one(params, struct, rule_state, key):
-        eig = top_eigenvalues(exp.model, params, struct, curvature_batch, key=key, block=m.curvature_block,
-                              l2=l2, steps=m.lanczos_steps)
-        g, x0 = estimate_on_block(spec.rule, exp.model, params, struct, rule_state, curvature_batch,
-                                  m.curvature_block, l2)
-        v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
-        rho = jnp.vdot(v1, jacobian_vector_product(g, x0, v1)) / eig.values[0]
-        return eig.values[0], rho
-
-    lam, rho = one(result.params, result.structs, result.rule_states, keys)
-    return {"lambda_max": np.asarray(lam), "rho": np.asarray(rho)}
-
-
 def _run_rule(exp: Experiment, spec: RuleSpec, splits, eval_sets, progress) -> dict:
     start = time.perf_counter()
     tcfg = dataclasses.replace(exp.train, form=spec.form)
-    result = train_ensemble(exp.model, spec.rule, tcfg, exp.seeds, splits.train, eval_sets,
+    m = exp.measure
+    probe = CurvatureProbe(
+        batch=to_device(Batch(*(a[: m.curvature_batch] for a in splits.train))),
+        block=m.curvature_block, l2=exp.train.l2 if m.l2_in_curvature else 0.0, steps=m.lanczos_steps,
+    )
+    result = train_ensemble(exp.model, spec.rule, tcfg, exp.seeds, splits.train, eval_sets, probe=probe,
                             progress=f"{spec.label}" if progress else False)
-    train_time = time.perf_counter() - start
-    curvature_batch = to_device(Batch(*(a[: exp.measure.curvature_batch] for a in splits.train)))
-    out = measure_curvature(exp, spec, result, curvature_batch)
-    out.update({
+    total = time.perf_counter() - start
+    measure_time = float(result.eval_seconds.sum())
+    out = {
         "diverged_at": result.diverged_at,
         "losses": result.losses,
         "eval_steps": result.eval_steps,
-        "train_seconds": np.float64(train_time),
-        "measure_seconds": np.float64(time.perf_counter() - start - train_time),
-    })
+        "eval_seconds": result.eval_seconds,
+        "train_seconds": np.float64(total - measure_time),
+        "measure_seconds": np.float64(measure_time),
+    }
     out.update({f"eval/{k}": v for k, v in result.evals.items()})
     for name, leaf in zip(result.params._fields, result.params):
         if leaf is not None:
@@ -120,8 +100,7 @@ def _tables(exp: Experiment, runs: dict[str, dict], set_names: list[str]):
     for spec, (slug, r) in zip(exp.rules, runs.items()):
         for si, seed in enumerate(exp.seeds):
             row = {"rule": spec.label, "rule_name": spec.rule.name, "form": spec.form, "seed": seed,
-                   "diverged_at": int(r["diverged_at"][si]), "lambda_max": float(r["lambda_max"][si]),
-                   "rho": float(r["rho"][si]),
+                   "diverged_at": int(r["diverged_at"][si]),
                    "train_seconds": float(r["train_seconds"]) / len(exp.seeds)}
             for k in r:
                 if k.startswith("eval/"):

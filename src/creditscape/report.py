@@ -140,6 +140,23 @@ def write_report(folder: str | Path) -> Path:
     ax.legend(fontsize=8)
     images.append(("Training loss", _save(fig, figs, "training_loss")))
 
+    if "lambda_max" in history:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for rule in rules:
+            h = history[history.rule == rule]
+            lam = h.pivot(index="step", columns="seed", values="lambda_max").median(axis=1)
+            rho = h.pivot(index="step", columns="seed", values="rho").median(axis=1)
+            axes[0].plot(lam.index, lam, color=colors[rule], label=rule)
+            axes[1].plot(rho.index, rho, color=colors[rule], label=rule)
+            if train["optimizer"] == "sgd" and rho.iloc[-1] > 0:
+                axes[0].axhline(2 / (train["learning_rate"] * rho.iloc[-1]), color=colors[rule], ls=":", lw=1)
+        if train["optimizer"] == "sgd":
+            axes[0].axhline(2 / train["learning_rate"], color="gray", ls="--", label="2/η (dotted: 2/(ηρ) per rule)")
+        axes[0].set(xlabel="iteration", ylabel="λ_max (median over seeds)", yscale="symlog", title="Sharpness along training")
+        axes[1].set(xlabel="iteration", ylabel="ρ = v₁ᵀĴv₁ / λ₁ (median)", title="Rule gain along the top eigenvector")
+        axes[0].legend(fontsize=7)
+        images.append(("Sharpness and gain along training", _save(fig, figs, "sharpness_along_training")))
+
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     for ax, (col, title) in zip(axes, [("test_accuracy", "test accuracy"), ("gap_loss", "gap (test − train loss)"),
                                        ("lambda_max", f"λ_max ({config['measure']['curvature_block']})")]):

@@ -14,6 +14,7 @@ ensemble on fixed sets and measures gradient alignment; nothing recompiles along
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, NamedTuple
 
 import jax
@@ -22,10 +23,14 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jax.flatten_util import ravel_pytree
+
 from creditscape import model as _model
+from creditscape.curvature import _select, block_loss, hvp, lanczos
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, draw_noise, evaluate, l2_gradient, l2_penalty
 from creditscape.rules import Rule, gradient_alignment
+from creditscape.theory import estimate_on_block, jacobian_vector_product
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "boost")
@@ -165,21 +170,45 @@ def make_chunk(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
     return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None)), donate_argnums=0)
 
 
-def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
-    """Compiled: per-seed (loss, accuracy) on each named set, and the rule's gradient alignment
-    (cosine with the exact gradient, no noise) on the alignment batch."""
+class CurvatureProbe(NamedTuple):
+    """λ_max and the rule's gain ρ measured at every evaluation (DESIGN.md §4–5).
+
+    batch: fixed evaluation batch (the exact loss, no noise); block: ``"all"``, ``"recurrent"``
+    or ``"w_rec"``; l2: L2 coefficient included in the Hessian; steps: Lanczos iterations, warm
+    started from the previous evaluation's top eigenvector.
+    """
+
+    batch: Batch
+    block: str = "w_rec"
+    l2: float = 0.0
+    steps: int = 30
+
+
+def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: CurvatureProbe | None = None) -> Callable:
+    """Compiled: per-seed (loss, accuracy) on each named set, the rule's gradient alignment
+    (cosine with the exact gradient, no noise) on the alignment batch, and with a ``probe`` λ_max
+    (Lanczos from the warm-start vector ``v0``), its eigenvector ``v1`` and ρ = v₁ᵀĴv₁/λ₁."""
     form = rule.check_form(tcfg.form)
 
-    def one_seed(params, struct, rule_state, sets: dict[str, Batch], align_batch: Batch):
+    def one_seed(params, struct, rule_state, sets: dict[str, Batch], align_batch: Batch, v0):
         out = {}
         for name, batch in sets.items():
             out[f"{name}_loss"], out[f"{name}_accuracy"] = evaluate(cfg, params, struct, batch)
         al = gradient_alignment(rule, cfg, params, struct, rule_state, align_batch, form=form)
         out["alignment"] = al.cosine
         out["alignment_recurrent"] = al.cosine_recurrent
+        if probe is not None:
+            f, x0 = block_loss(cfg, params, struct, probe.batch, probe.block, probe.l2)
+            eig = lanczos(lambda v: hvp(f, x0, v), v0, min(probe.steps, x0.shape[0]))
+            g, _ = estimate_on_block(rule, cfg, params, struct, rule_state, probe.batch, probe.block, probe.l2,
+                                     form=form)
+            v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
+            out["lambda_max"] = eig.values[0]
+            out["rho"] = jnp.vdot(v1, jacobian_vector_product(g, x0, v1)) / eig.values[0]
+            out["v1"] = v1
         return out
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None)))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, 0)))
 
 
 class TrainResult(NamedTuple):
@@ -192,6 +221,7 @@ class TrainResult(NamedTuple):
     losses: np.ndarray  # (seeds, steps) training minibatch loss (incl. L2), NaN after divergence
     eval_steps: np.ndarray  # (n_evals,) iteration counts at which ``evals`` were taken
     evals: dict[str, np.ndarray]  # name → (seeds, n_evals)
+    eval_seconds: np.ndarray  # (n_evals,) wall time of each evaluation (incl. curvature)
 
 
 def to_device(batch: Batch) -> Batch:
@@ -207,6 +237,7 @@ def train_ensemble(
     eval_sets: dict[str, Batch] | None = None,
     *,
     align_size: int = 64,
+    probe: CurvatureProbe | None = None,
     progress: bool | str = True,
 ) -> TrainResult:
     """Train one network per seed with ``rule``; evaluate at every chunk boundary.
@@ -216,6 +247,7 @@ def train_ensemble(
         train_set: the fixed training set.
         eval_sets: named fixed sets evaluated along training (default: ``{"train": train_set}``).
         align_size: the first ``align_size`` training sequences form the alignment batch.
+        probe: also measure λ_max and ρ at every evaluation (warm-started Lanczos).
         progress: show a progress bar (a string sets its label).
     """
     if train_set.x.shape[-1] != cfg.n_in:
@@ -226,10 +258,22 @@ def train_ensemble(
     seeds = list(seeds)
     states, structs, rule_states = init_ensemble(cfg, rule, tcfg, seeds, train_set.x.dtype)
     chunk = make_chunk(cfg, rule, tcfg)
-    evaluator = make_evaluator(cfg, rule, tcfg)
+    evaluator = make_evaluator(cfg, rule, tcfg, probe)
+    if probe is not None:
+        dim = ravel_pytree(_select(jax.tree.map(lambda a: a[0], states.params), probe.block))[0].shape[0]
+        v = jax.random.normal(jax.random.PRNGKey(len(seeds)), (len(seeds), dim), train_set.x.dtype)
+    else:
+        v = jnp.zeros((len(seeds), 1), train_set.x.dtype)
+    seconds = []
 
     def record(states):
-        return jax.device_get(evaluator(states.params, structs, rule_states, eval_sets, align_batch))
+        nonlocal v
+        start = time.perf_counter()
+        out = jax.device_get(evaluator(states.params, structs, rule_states, eval_sets, align_batch, v))
+        seconds.append(time.perf_counter() - start)
+        if probe is not None:
+            v = jnp.asarray(out.pop("v1"))  # warm start for the next evaluation
+        return out
 
     n_chunks = tcfg.steps // tcfg.eval_every
     evals = [record(states)]
@@ -252,4 +296,5 @@ def train_ensemble(
         losses=np.concatenate(losses, axis=1),
         eval_steps=np.arange(n_chunks + 1) * tcfg.eval_every,
         evals={k: np.stack([e[k] for e in evals], axis=1) for k in evals[0]},
+        eval_seconds=np.asarray(seconds),
     )
