@@ -19,7 +19,7 @@ def _cmd_run(args) -> int:
     final = run_experiment(exp, out, progress=not args.quiet)
     page = write_report(out)
     table = summary_table(final)
-    cols = [c for c in ("rule", "diverged", "train_accuracy", "test_accuracy", "gap_loss", "lambda_max") if c in table]
+    cols = [c for c in ("rule", "diverged", "train_accuracy", "test_accuracy", "gap_loss", "lambda_max", "rho") if c in table]
     print(table[cols].to_string(index=False))
     print(f"\nReport: {page}\n        {page.with_suffix('.md')}")
     return 0
