@@ -22,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from creditscape import model as M
 from creditscape.curvature import block_loss, hvp

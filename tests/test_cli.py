@@ -1,7 +1,6 @@
 """The command line end to end, and every configuration error before any work."""
 
 import json
-import textwrap
 
 import pandas as pd
 import pytest

@@ -10,7 +10,6 @@ import pytest
 from cases import MASKS, assert_close, draw, flat, model_cases
 from creditscape import _reference as ref
 from creditscape import model as M
-from creditscape.objective import loss_weights
 from creditscape.rules import (
     Rule, get_rule, gradient_alignment, modulatory_weights, register, rule_class, rule_gradient, rule_names,
 )

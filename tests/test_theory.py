@@ -1,7 +1,6 @@
 """Update-map Jacobian Ĵ of a rule: equals H for BPTT; Arnoldi vs dense eigenvalues; the gain ρ."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from creditscape.model import ModelConfig
-from creditscape.rules import Rule, get_rule, rule_class
-from creditscape.tasks import Task, get_task, task_class
+from creditscape.rules import Rule, rule_class
+from creditscape.tasks import Task, task_class
 from creditscape.train import TrainConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
