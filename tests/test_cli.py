@@ -47,6 +47,14 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     assert "already done" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_parquet(out / "final.parquet"), final)
+    # Curvature of the saved networks after the fact: full Krylov space on W_rec (8x8 minus the
+    # diagonal = 64 coordinates), so the top eigenvalue is exact and bounds the probe's estimate.
+    assert main(["curvature", str(out), "--steps", "64", "--top", "2", "--trace-probes", "12"]) == 0
+    curv = pd.read_parquet(out / "curvature.parquet")
+    assert len(curv) == 4 and {"eig1", "eig2", "trace", "trace_stderr"} <= set(curv.columns)
+    merged = curv.merge(final, on=["rule", "seed"])
+    assert (merged.eig1 >= merged.lambda_max - 1e-4 * merged.eig1.abs()).all()
+    assert (merged.eig1 >= merged.eig2).all()
     # A different configuration in the same folder is refused.
     cfg.write_text(TINY.replace("n_rec = 8", "n_rec = 9"))
     with pytest.raises(ValueError, match="different configuration"):

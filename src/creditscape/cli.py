@@ -1,4 +1,4 @@
-"""The ``creditscape`` command: ``run``, ``report``, ``tasks``, ``rules``."""
+"""The ``creditscape`` command: ``run``, ``report``, ``curvature``, ``tasks``, ``rules``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def _cmd_report(args) -> int:
     from creditscape.report import write_report
 
     print(write_report(args.run_dir))
+    return 0
+
+
+def _cmd_curvature(args) -> int:
+    from creditscape.experiment import measure_saved
+
+    table = measure_saved(args.run_dir, block=args.block, steps=args.steps, top=args.top,
+                          trace_probes=args.trace_probes, mnist_dir=args.mnist_dir)
+    print(table.groupby("rule", sort=False)[["eig1", "trace"]].agg(["mean", "std"]).to_string())
+    print(f"\nWritten: {args.run_dir}/curvature.parquet")
     return 0
 
 
@@ -68,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write the report of a results folder")
     rep.add_argument("run_dir")
     rep.set_defaults(func=_cmd_report)
+    cur = sub.add_parser("curvature", help="measure the Hessian of the saved final networks of a results folder")
+    cur.add_argument("run_dir")
+    cur.add_argument("--block", default="w_rec", choices=["all", "recurrent", "w_rec"], help="parameter block (default w_rec)")
+    cur.add_argument("--steps", type=int, default=30, help="Lanczos iterations (HVPs) per network (default 30)")
+    cur.add_argument("--top", type=int, default=3, help="number of top signed eigenvalues (default 3)")
+    cur.add_argument("--trace-probes", type=int, default=30, help="HVPs for the Hutch++ trace (default 30)")
+    cur.add_argument("--mnist-dir", help="folder holding the MNIST files (tasks that read MNIST)")
+    cur.set_defaults(func=_cmd_curvature)
     sub.add_parser("tasks", help="list tasks and their parameters").set_defaults(func=_cmd_tasks)
     sub.add_parser("rules", help="list learning rules with their formulas").set_defaults(func=_cmd_rules)
     return parser
@@ -79,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"creditscape: configuration error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"creditscape: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ncreditscape: interrupted. Finished rules are saved; rerun the same command to resume.", file=sys.stderr)

@@ -24,11 +24,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from creditscape import __version__
 from creditscape.config import Experiment, RuleSpec, resolved_dict
+from creditscape.curvature import block_loss, hutch_plus_plus, hvp, lanczos
+from creditscape.model import Params, Structure
 from creditscape.objective import Batch
 from creditscape.tasks import make_splits
 from creditscape.train import CurvatureProbe, to_device, train_ensemble
@@ -92,6 +95,8 @@ def _run_rule(exp: Experiment, spec: RuleSpec, splits, eval_sets, progress) -> d
     for name, leaf in zip(result.params._fields, result.params):
         if leaf is not None:
             out[f"params/{name}"] = np.asarray(leaf)
+    for name, leaf in zip(result.structs._fields, result.structs):
+        out[f"struct/{name}"] = np.asarray(leaf)
     return out
 
 
@@ -129,6 +134,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, l
                 "Use another --out folder, or delete this one to start over."
             )
     atomic_write_bytes(config_path, lambda f: f.write(json.dumps(resolved, indent=2).encode()))
+    atomic_write_bytes(out / "config.input.json", lambda f: f.write(json.dumps(exp.raw, indent=2).encode()))
     atomic_write_bytes(out / "environment.json", lambda f: f.write(json.dumps(environment(), indent=2).encode()))
 
     log(f"[creditscape] {exp.name}: task {exp.task.name}, {len(exp.rules)} rules x {len(exp.seeds)} seeds -> {out}")
@@ -150,3 +156,57 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, l
     atomic_write_bytes(out / "final.parquet", lambda f: final.to_parquet(f, index=False))
     atomic_write_bytes(out / "history.parquet", lambda f: history.to_parquet(f, index=False))
     return final
+
+
+def _saved_network(run: dict):
+    """Stacked (Params, Structure) of a rule's saved final networks."""
+    params = Params(*(jnp.asarray(run[f"params/{f}"]) if f"params/{f}" in run else None for f in Params._fields))
+    struct = Structure(*(jnp.asarray(run[f"struct/{f}"]) for f in Structure._fields))
+    return params, struct
+
+
+def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30, top: int = 3,
+                  trace_probes: int = 30, mnist_dir: str | None = None) -> pd.DataFrame:
+    """Curvature of the saved final networks of a results folder, after the fact: top-``top``
+    signed Hessian eigenvalues (Lanczos, ``steps`` HVPs) and the Hutch++ trace with its standard
+    error (``trace_probes`` HVPs), on the block and evaluation batch of the experiment's config,
+    every seed of a rule in one compiled call. Writes ``curvature.parquet`` and returns it."""
+    from creditscape.config import resolve
+
+    run_dir = Path(run_dir)
+    raw_path = run_dir / "config.input.json"
+    if not raw_path.is_file():
+        raise FileNotFoundError(f"{raw_path} not found: is {run_dir} a creditscape results folder?")
+    exp = resolve(json.loads(raw_path.read_text()), mnist_dir=mnist_dir)
+    splits = make_splits(exp.task, exp.n_train, exp.n_test, exp.data_seed, exp.noise_levels)
+    batch = to_device(Batch(*(a[: exp.measure.curvature_batch] for a in splits.train)))
+    l2 = exp.train.l2 if exp.measure.l2_in_curvature else 0.0
+
+    @jax.jit
+    @jax.vmap
+    def measure(params, struct, key):
+        f, x0 = block_loss(exp.model, params, struct, batch, block, l2)
+        k1, k2 = jax.random.split(key)
+        n = min(steps, x0.shape[0])
+        eig = lanczos(lambda v: hvp(f, x0, v), jax.random.normal(k1, x0.shape, x0.dtype), n, min(top, n))
+        tr = hutch_plus_plus(lambda v: hvp(f, x0, v), x0.shape[0], trace_probes, k2, x0.dtype)
+        return eig.values, tr.value, tr.stderr
+
+    rows = []
+    for i, spec in enumerate(exp.rules):
+        path = run_dir / "runs" / f"{_slug(i, spec)}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: rerun `creditscape run` on {run_dir} to finish it first.")
+        with np.load(path) as f:
+            run = dict(f)
+        params, struct = _saved_network(run)
+        keys = jax.random.split(jax.random.PRNGKey(exp.data_seed), len(exp.seeds))
+        vals, trace, err = (np.asarray(a) for a in measure(params, struct, keys))
+        for si, seed in enumerate(exp.seeds):
+            row = {"rule": spec.label, "seed": seed, "block": block, "trace": float(trace[si]),
+                   "trace_stderr": float(err[si]), "diverged_at": int(run["diverged_at"][si])}
+            row.update({f"eig{j + 1}": float(v) for j, v in enumerate(vals[si])})
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    atomic_write_bytes(run_dir / "curvature.parquet", lambda f: table.to_parquet(f, index=False))
+    return table
