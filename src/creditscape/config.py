@@ -92,9 +92,7 @@ def _unknown(keys, allowed, where: str):
 
 
 def _type_ok(value, annotation) -> bool:
-    """A light check of TOML values against dataclass field annotations."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {**vars(typing), "Rule": Rule})  # resolves postponed annotations
+    """A light check of TOML values against (resolved) dataclass field annotations."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
@@ -113,9 +111,10 @@ def _type_ok(value, annotation) -> bool:
 
 def _build(cls, values: dict, where: str, **fixed):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # resolves the modules' postponed (string) annotations
     _unknown(values, set(fields) - set(fixed), where)
     for key, value in values.items():
-        if not _type_ok(value, fields[key].type):
+        if not _type_ok(value, hints[key]):
             raise ConfigError(f"{where}.{key}: expected {fields[key].type}, got {value!r} ({type(value).__name__}).")
         if isinstance(value, list):
             values = {**values, key: tuple(value)}

@@ -100,7 +100,7 @@ def _run_rule(exp: Experiment, spec: RuleSpec, splits, eval_sets, progress) -> d
     return out
 
 
-def _tables(exp: Experiment, runs: dict[str, dict], set_names: list[str]):
+def _tables(exp: Experiment, runs: dict[str, dict]):
     final_rows, history_rows = [], []
     for spec, (slug, r) in zip(exp.rules, runs.items()):
         for si, seed in enumerate(exp.seeds):
@@ -152,7 +152,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, l
             log(f"  {spec.label}: trained in {float(r['train_seconds']):.1f}s, measured in {float(r['measure_seconds']):.1f}s")
         with np.load(path) as f:
             runs[slug] = dict(f)
-    final, history = _tables(exp, runs, list(eval_sets))
+    final, history = _tables(exp, runs)
     atomic_write_bytes(out / "final.parquet", lambda f: final.to_parquet(f, index=False))
     atomic_write_bytes(out / "history.parquet", lambda f: history.to_parquet(f, index=False))
     return final
