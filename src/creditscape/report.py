@@ -111,6 +111,12 @@ def _findings(final: pd.DataFrame, corr: dict, reference: str | None) -> list[st
             f"(p = {corr['spearman_p']:.3g}, 95% bootstrap CI [{lo:.3f}, {hi:.3f}]) and Pearson r = "
             f"{corr['pearson']:.3f} (p = {corr['pearson_p']:.3g}): {verdict} at the 5% level."
         )
+    for col in [c for c in ok.columns if c.startswith("perturbed[") and c.endswith("_loss")]:
+        per_rule = ok.groupby("rule", sort=False)[col].mean()
+        out.append(
+            f"Perturbed test set {col[10:-6]}: lowest mean loss {per_rule.min():.4g} ({per_rule.idxmin()}), "
+            f"highest {per_rule.max():.4g} ({per_rule.idxmax()})."
+        )
     n_div = int((final.diverged_at >= 0).sum())
     out.append(f"{n_div} of {len(final)} runs diverged (NaN/inf) and are excluded from the statistics above."
                if n_div else "No run diverged.")
@@ -176,7 +182,7 @@ def write_report(folder: str | Path) -> Path:
             vals = [ok[c].mean() for c in ["test_loss"] + pert]
             ax.plot(range(len(vals)), vals, "o-", color=colors[rule], label=rule)
         ax.set_xticks(range(len(pert) + 1), ["test"] + [c[10:-6] for c in pert], rotation=20, ha="right")
-        ax.set(ylabel="loss (mean over seeds)", title="Perturbed test sets")
+        ax.set(ylabel="loss (mean over seeds)", title="Perturbed test sets", yscale="log")
         ax.legend(fontsize=8)
         images.append(("Perturbed test loss", _save(fig, figs, "perturbed")))
 
@@ -190,6 +196,7 @@ def write_report(folder: str | Path) -> Path:
     if "spearman" in corr:
         title += f"\nSpearman ρ={corr['spearman']:.2f} (p={corr['spearman_p']:.2g}), n={corr['n']}"
     ax.set(xlabel="λ_max", ylabel="test − train loss", title=title)
+    ax.set_xscale("symlog", linthresh=1e-2)
     ax.legend(fontsize=8)
     images.append(("Curvature vs gap", _save(fig, figs, "curvature_vs_gap")))
 
