@@ -2,11 +2,14 @@
 
     python benchmarks/bench.py [--quick] [--json OUT.json]
 
-1. creditscape's BPTT training step against a minimal hand-written compiled JAX loop (the ceiling);
+1. creditscape's BPTT training step against a minimal hand-written compiled JAX loop (the ceiling)
+   and against a plain PyTorch eager loop over time (the usual way; needs ``torch``, the
+   ``bench`` extra — skipped with a note if it is not installed);
 2. every rule's step (offline and online forms) relative to creditscape's BPTT step;
-3. seed scaling (seed-steps per second at 1, 8, 32 seeds);
-4. Hessian-vector product cost over gradient cost;
-5. compiled temporary memory of online vs offline e-prop as T grows (XLA's memory analysis).
+3. seed scaling (seed-steps per second at 1, 8, 32, 128 seeds);
+4. Hessian-vector product cost over gradient cost (and PyTorch's double backward);
+5. Lanczos top-5 time and the full cost of one measurement checkpoint (an experiment's evaluator);
+6. compiled temporary memory of online vs offline e-prop as T grows (XLA's memory analysis).
 
 Shapes: the sequential-MNIST shape (N=128, T=28, batch 256, 28 inputs, 10 classes, ReLU, SGD) on
 random data. Times are medians of repeated compiled calls of ``CHUNK`` steps each.
@@ -24,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from creditscape import model as M
-from creditscape.curvature import block_loss, hvp
+from creditscape.curvature import block_loss, hvp, lanczos
 from creditscape.objective import Batch, Noise
 from creditscape.rules import get_rule
-from creditscape.train import TrainConfig, init_ensemble, make_chunk
+from creditscape.train import CurvatureProbe, TrainConfig, init_ensemble, make_chunk, make_evaluator
 
 N, T, B, N_IN, N_OUT = 128, 28, 256, 28, 10
 CHUNK = 20
@@ -84,6 +87,61 @@ def minimal_jax_chunk(train, lr=0.01):
     return lambda: chunk(p, jax.random.PRNGKey(1))
 
 
+def torch_eager(train, repeats: int) -> dict | None:
+    """A plain PyTorch BPTT loop: the same model and data, a Python loop over time, SGD; and a
+    Hessian-vector product by double backward. None if torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.asarray(train.x))
+    y = torch.from_numpy(np.asarray(train.target[:, -1])).long()
+    w_in = (torch.randn(N, N_IN) * np.sqrt(2 / N_IN)).requires_grad_()
+    w_rec = (torch.randn(N, N) * np.sqrt(2 / N)).requires_grad_()
+    w_out = (torch.randn(N_OUT, N) * 0.1).requires_grad_()
+    b_out = torch.zeros(N_OUT, requires_grad=True)
+    params = [w_in, w_rec, w_out, b_out]
+    opt = torch.optim.SGD(params, lr=0.01)
+
+    def loss_of(xb, yb):
+        h = torch.zeros(xb.shape[0], N)
+        for t in range(xb.shape[1]):
+            h = torch.relu(h @ w_rec.T + xb[:, t] @ w_in.T)
+        return torch.nn.functional.cross_entropy(h @ w_out.T + b_out, yb)
+
+    def chunk():
+        for _ in range(CHUNK):
+            idx = torch.randint(0, x.shape[0], (B,))
+            loss = loss_of(x[idx], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def median_time(fn, n):
+        fn()
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    xb, yb = x[:B], y[:B]
+    vs = [torch.randn_like(p) for p in params]
+
+    def grad_only():
+        torch.autograd.grad(loss_of(xb, yb), params)
+
+    def hvp_double_backward():
+        g = torch.autograd.grad(loss_of(xb, yb), params, create_graph=True)
+        torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, vs)), params)
+
+    return {"step": median_time(chunk, repeats) / CHUNK, "grad": median_time(grad_only, repeats),
+            "hvp": median_time(hvp_double_backward, repeats), "version": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
 def creditscape_chunk(rule, form, train, seeds=1, n_rec=N):
     cfg = M.ModelConfig(N_IN, n_rec, N_OUT, bias=False)
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK, form=form)
@@ -110,6 +168,15 @@ def main():
     print(f"device {results['device']}; N={N} T={T} B={B}")
     print(f"minimal JAX BPTT {1e3 * ceiling:.2f} ms/step; creditscape bptt {1e3 * bptt:.2f} ms/step "
           f"(ratio {bptt / ceiling:.2f}, target <= 1.2)")
+    eager = torch_eager(train, repeats)
+    if eager is None:
+        print("PyTorch eager baseline skipped: torch is not installed (pip install -e '.[bench]').")
+    else:
+        results["torch"] = eager
+        results["torch_eager_ms_per_step"] = 1e3 * eager["step"]
+        results["torch_eager_over_creditscape_bptt"] = eager["step"] / bptt
+        print(f"PyTorch {eager['version']} eager BPTT {1e3 * eager['step']:.2f} ms/step "
+              f"= {eager['step'] / bptt:.2f} x creditscape bptt")
 
     rules = {}
     for name, form in [("tbptt", "offline"), ("eprop", "offline"), ("eprop", "online"), ("eprop_random", "offline"),
@@ -124,7 +191,7 @@ def main():
         print(f"  {name} online / offline = {results[f'{name}_online_over_offline']:.2f} (target <= 3)")
 
     scaling = {}
-    for seeds in ([1, 8] if args.quick else [1, 8, 32]):
+    for seeds in ([1, 8] if args.quick else [1, 8, 32, 128]):
         t = timed(creditscape_chunk(get_rule("bptt"), None, train, seeds=seeds), repeats=repeats) / CHUNK
         scaling[seeds] = seeds / t
         print(f"  {seeds:3d} seeds: {seeds / t:9.0f} seed-steps/s")
@@ -138,7 +205,31 @@ def main():
     t_grad = timed(jax.jit(jax.grad(f)), x0, repeats=repeats)
     t_hvp = timed(jax.jit(lambda x, u: hvp(f, x, u)), x0, v, repeats=repeats)
     results["hvp_over_gradient"] = t_hvp / t_grad
-    print(f"HVP / gradient = {t_hvp / t_grad:.2f} (target <= 2.5 CPU, <= 2 GPU)")
+    print(f"HVP / gradient = {t_hvp / t_grad:.2f} (target <= 2.5 CPU, <= 2 GPU); HVP {1e3 * t_hvp:.2f} ms")
+    if eager is not None:
+        results["torch_hvp_ms"] = 1e3 * eager["hvp"]
+        results["torch_hvp_over_gradient"] = eager["hvp"] / eager["grad"]
+        print(f"PyTorch double-backward HVP {1e3 * eager['hvp']:.2f} ms = {eager['hvp'] / t_hvp:.2f} x creditscape's, "
+              f"{eager['hvp'] / eager['grad']:.2f} x its own gradient")
+
+    t_lanczos = timed(jax.jit(lambda x, u: lanczos(lambda w: hvp(f, x, w), u, 20, k=5).values), x0, v,
+                      repeats=repeats)
+    results["lanczos_top5_20_steps_ms"] = 1e3 * t_lanczos
+    print(f"Lanczos top-5 (20 HVPs, all parameters) {1e3 * t_lanczos:.1f} ms = {t_lanczos / t_hvp:.1f} HVPs")
+
+    # One measurement checkpoint of an experiment, 8 seeds: losses and accuracies on train, test
+    # and one perturbed set (1,024 sequences each), gradient alignment, λ_max (20 Lanczos steps on
+    # W_rec) and ρ.
+    tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK)
+    rule = get_rule("eprop")
+    evaluator = make_evaluator(cfg, rule, tcfg, CurvatureProbe(batch, "w_rec", 0.0, 20))
+    states, structs, rs = init_ensemble(cfg, rule, tcfg, list(range(8)))
+    sets = {name: Batch(*(a[i * 1024:(i + 1) * 1024] for a in train)) for i, name in enumerate(("train", "test", "noisy"))}
+    v0 = jax.random.normal(jax.random.PRNGKey(2), (8, N * N))
+    t_eval = timed(evaluator, states.params, structs, rs, sets, Batch(*(a[:64] for a in train)), v0, repeats=repeats)
+    results["measurement_checkpoint_ms_8_seeds"] = 1e3 * t_eval
+    print(f"one measurement checkpoint, 8 seeds: {1e3 * t_eval:.0f} ms = {t_eval / (8 * bptt):.1f} training steps "
+          f"per seed")
 
     memory = {}
     for steps in (28, 112, 448):

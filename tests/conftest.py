@@ -1,7 +1,12 @@
+from pathlib import Path
+
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# The canonical MNIST copy beside the checkout (tests that need it skip without it).
+MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import MNIST_DIR
 
 from creditscape.cli import main
 from creditscape.config import ConfigError, load, resolve
@@ -36,13 +37,18 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "bptt" in printed and "report.html" in printed
-    for f in ("config.json", "environment.json", "final.parquet", "history.parquet", "report.md", "report.html",
-              "figures/per_rule.png", "figures/per_rule.svg", "figures/curvature_vs_gap.png"):
+    for f in ("config.json", "environment.json", "final.parquet", "history.parquet", "slices.parquet", "report.md",
+              "report.html", "figures/per_condition.png", "figures/per_condition.svg", "figures/curvature_vs_gap.png",
+              "figures/perturbed.png", "figures/slices_1d.png", "figures/slices_2d.svg",
+              "figures/sharpness_along_training.png"):
         assert (out / f).is_file(), f
     final = pd.read_parquet(out / "final.parquet")
     assert len(final) == 4 and set(final.rule) == {"bptt", "eprop (online)"}
+    assert (final.trace_stderr > 0).all() and final.trace.notna().all()
+    report = (out / "report.md").read_text()
+    assert "eprop (online)** vs bptt" in report and "matched training loss" in report and "No run diverged" in report
     assert "http" not in (out / "report.html").read_text().split("<body>")[1]
-    assert json.loads((out / "config.json").read_text())["model"]["n_rec"] == 8
+    assert json.loads((out / "config.json").read_text())["cells"][0]["model"]["n_rec"] == 8
     # Rerunning the same command resumes: everything is already done and nothing changes.
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     assert "already done" in capsys.readouterr().out
@@ -55,6 +61,12 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     merged = curv.merge(final, on=["rule", "seed"])
     assert (merged.eig1 >= merged.lambda_max - 1e-4 * merged.eig1.abs()).all()
     assert (merged.eig1 >= merged.eig2).all()
+    # ... and of the parameters saved at every evaluation (steps 0, 10, 20): the last ones are the final ones.
+    assert main(["curvature", str(out), "--steps", "64", "--top", "1", "--trace-probes", "12", "--along-training"]) == 0
+    along = pd.read_parquet(out / "curvature.parquet")
+    assert len(along) == 12 and sorted(set(along.step)) == [0, 10, 20]
+    last = along[along.step == 20].merge(curv, on=["rule", "seed"], suffixes=("", "_final"))
+    assert (abs(last.eig1 - last.eig1_final) <= 1e-4 * abs(last.eig1_final)).all()
     # A different configuration in the same folder is refused.
     cfg.write_text(TINY.replace("n_rec = 8", "n_rec = 9"))
     with pytest.raises(ValueError, match="different configuration"):
@@ -95,13 +107,34 @@ def test_missing_mnist_fails_before_work(tmp_path, isolated_home, capsys):
 def test_unknown_preset_and_mnist_dir_misuse(tmp_path):
     with pytest.raises(ConfigError, match="Unknown preset 'fast'"):
         load(preset="fast")
-    with pytest.raises(ConfigError, match="reads no MNIST"):
+    with pytest.raises(ConfigError, match="no task of this experiment reads MNIST"):
         resolve({"task": {"name": "cue_recall"}}, mnist_dir=str(tmp_path))
 
 
 def test_quick_preset_resolves():
     exp = load()
-    assert exp.name == "quick" and len(exp.rules) >= 5 and exp.task.name == "cue_recall"
+    assert exp.name == "quick" and len(exp.rules) >= 5 and exp.cells[0].task.name == "cue_recall"
+
+
+@pytest.mark.parametrize("name", ["paper-neuro", "remedies", "paper-smnist", "paper-smnist-rules", "paper-smnist-leaky"])
+def test_every_preset_resolves(name, isolated_home, tmp_path):
+    if "smnist" in name:
+        with pytest.raises(ConfigError, match="MNIST files not found"):
+            load(preset=name, mnist_dir=str(tmp_path))
+        if not MNIST_DIR.is_dir():
+            pytest.skip("../shared/data/mnist is not beside the checkout")
+    exp = load(preset=name, mnist_dir=str(MNIST_DIR) if "smnist" in name else None)
+    assert len(exp.seeds) >= 5 and any(s.rule.name == "bptt" for s in exp.rules)
+    if name == "paper-smnist":
+        train = exp.cells[0].train
+        assert (train.optimizer, train.learning_rate, train.batch_size, train.l2) == ("sgd", 0.01, 256, 0.01)
+        assert [s.train_config(train).steps for s in exp.rules] == [10000, 16000]
+        assert [s.train_config(train).steps // s.train_config(train).eval_every for s in exp.rules] == [40, 40]
+        assert exp.cells[0].noise_levels == (0.2,) and exp.measure.curvature_block == "w_rec"
+    if name == "paper-neuro":
+        assert {c.task.name for c in exp.cells} == {"perceptual_decision", "delayed_match_sample", "context_decision"}
+    if name == "remedies":
+        assert len(exp.cells[0].learning_rates) == 3 and {c.train.schedule for c in exp.cells} == {"constant", "boost"}
 
 
 def test_listing_commands(capsys):

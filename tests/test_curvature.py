@@ -95,3 +95,44 @@ def test_slq_moments_match_dense():
         assert abs(dens.moment(p) - exact) < 0.25 * scale, (p, dens.moment(p), exact)
     # With a full Krylov space each quadrature node set is the spectrum itself.
     np.testing.assert_allclose(np.sort(dens.nodes[0]), lam, rtol=1e-6, atol=1e-9)
+
+
+def test_every_estimator_vmapped_over_seeds_equals_per_seed():
+    from creditscape.curvature import hutch_plus_plus, hutchinson, power_iteration, spectral_density
+    from creditscape.sharpness import filter_normalized_direction, loss_slice, random_sharpness, worst_case_sharpness
+
+    cfg = M.ModelConfig(3, 5, 2, alpha=0.2, activation="tanh")
+    _, _, batch, _ = draw(cfg, seed=7)
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    params, structs = jax.vmap(lambda k: M.init(cfg, k, jnp.float64))(keys)
+
+    def estimates(p, s, k):
+        f, x0 = block_loss(cfg, p, s, batch, "recurrent", l2=0.01)
+        mv = lambda v: hvp(f, x0, v)
+        d = filter_normalized_direction(p, s, k)
+        return {
+            "power": power_iteration(mv, jnp.ones_like(x0), rtol=1e-8, max_iter=200).value,
+            "hutchinson": hutchinson(mv, x0.shape[0], 12, k).value,
+            "hutch++": hutch_plus_plus(mv, x0.shape[0], 12, k).value,
+            "slq": spectral_density(mv, x0.shape[0], 8, 3, k).nodes,
+            "random_sharpness": random_sharpness(cfg, p, s, batch, 0.05, key=k, n_samples=4).value,
+            "worst_case": worst_case_sharpness(cfg, p, s, batch, 0.05, steps=3),
+            "slice": loss_slice(cfg, p, s, batch, (d,), jnp.linspace(-1, 1, 5)[:, None]),
+        }
+
+    stacked = jax.jit(jax.vmap(estimates))(params, structs, keys)
+    for i in range(3):
+        one = estimates(jax.tree.map(lambda a: a[i], params), jax.tree.map(lambda a: a[i], structs), keys[i])
+        for name in one:
+            np.testing.assert_allclose(stacked[name][i], one[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_lanczos_stops_at_an_exhausted_krylov_space():
+    # Three distinct eigenvalues: the Krylov space of any start vector is 3-dimensional, and
+    # asking for 8 steps must not invent Ritz values from rounding noise (float32 here).
+    vals = jnp.array([5.0, 5.0, 5.0, 2.0, 2.0, -1.0, -1.0, -1.0], jnp.float32)
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (8, 8), jnp.float32))
+    A = (q * vals) @ q.T
+    for seed in range(5):
+        eig = lanczos(lambda v: A @ v, jax.random.normal(jax.random.PRNGKey(seed), (8,), jnp.float32), 8, k=3)
+        np.testing.assert_allclose(eig.values, [5.0, 2.0, -1.0], rtol=1e-4)

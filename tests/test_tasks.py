@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MNIST_DIR
 
 from creditscape.tasks import (
     MnistFormatError, MnistNotFoundError, get_task, load_mnist, make_splits, task_names,
 )
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = MNIST_DIR
 needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="canonical MNIST copy not present")
 GENERATED = [n for n in task_names() if n != "smnist"]
 

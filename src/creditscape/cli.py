@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import textwrap
 
 from creditscape.config import ConfigError, load, preset_names
 
 
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
 def _cmd_run(args) -> int:
+    if args.deterministic:  # read by XLA when the backend starts, which has not happened yet
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + DETERMINISTIC_XLA_FLAG).strip()
     from creditscape.experiment import run_experiment
     from creditscape.report import summary_table, write_report
 
     exp = load(args.config, preset=args.preset, mnist_dir=args.mnist_dir)
     out = args.out or f"results/{exp.name}"
-    final = run_experiment(exp, out, progress=not args.quiet)
+    final = run_experiment(exp, out, progress=not args.quiet, checkpoint_seconds=args.checkpoint_seconds)
     page = write_report(out)
     table = summary_table(final)
-    cols = [c for c in ("rule", "diverged", "train_accuracy", "test_accuracy", "gap_loss", "lambda_max", "rho") if c in table]
-    print(table[cols].to_string(index=False))
+    cols = [c for c in ("task", "condition", "diverged", "train_accuracy", "test_accuracy", "gap_loss", "lambda_max")
+            if c in table]
+    table["condition"] = table.condition.str.slice(0, 40)
+    with_median = table[cols].map(lambda v: v.split(" [")[0] if isinstance(v, str) and " ± " in v else v)
+    print(with_median.to_string(index=False))
     print(f"\nReport: {page}\n        {page.with_suffix('.md')}")
     return 0
 
@@ -36,8 +45,10 @@ def _cmd_curvature(args) -> int:
     from creditscape.experiment import measure_saved
 
     table = measure_saved(args.run_dir, block=args.block, steps=args.steps, top=args.top,
-                          trace_probes=args.trace_probes, mnist_dir=args.mnist_dir)
-    print(table.groupby("rule", sort=False)[["eig1", "trace"]].agg(["mean", "std"]).to_string())
+                          trace_probes=args.trace_probes, along_training=args.along_training,
+                          mnist_dir=args.mnist_dir)
+    last = table[table.step == table.step.max()] if args.along_training else table
+    print(last.groupby(["task", "condition"], sort=False)[["eig1", "trace"]].agg(["mean", "std"]).to_string())
     print(f"\nWritten: {args.run_dir}/curvature.parquet")
     return 0
 
@@ -74,16 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="results folder (default results/<name>); rerunning resumes it")
     run.add_argument("--mnist-dir", help="folder holding the MNIST files (tasks that read MNIST)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--checkpoint-seconds", type=float, default=30.0,
+                     help="save the run in flight at most this often (default 30; 0: at every evaluation)")
+    run.add_argument("--deterministic", action="store_true",
+                     help=f"deterministic GPU kernels ({DETERMINISTIC_XLA_FLAG}); CPU runs are deterministic anyway")
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", help="(re)write the report of a results folder")
     rep.add_argument("run_dir")
     rep.set_defaults(func=_cmd_report)
-    cur = sub.add_parser("curvature", help="measure the Hessian of the saved final networks of a results folder")
+    cur = sub.add_parser("curvature", help="measure the Hessian of the saved networks of a results folder")
     cur.add_argument("run_dir")
     cur.add_argument("--block", default="w_rec", choices=["all", "recurrent", "w_rec"], help="parameter block (default w_rec)")
     cur.add_argument("--steps", type=int, default=30, help="Lanczos iterations (HVPs) per network (default 30)")
     cur.add_argument("--top", type=int, default=3, help="number of top signed eigenvalues (default 3)")
     cur.add_argument("--trace-probes", type=int, default=30, help="HVPs for the Hutch++ trace (default 30)")
+    cur.add_argument("--along-training", action="store_true",
+                     help="measure the parameters saved at every evaluation, not only the final ones")
     cur.add_argument("--mnist-dir", help="folder holding the MNIST files (tasks that read MNIST)")
     cur.set_defaults(func=_cmd_curvature)
     sub.add_parser("tasks", help="list tasks and their parameters").set_defaults(func=_cmd_tasks)
@@ -102,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"creditscape: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ncreditscape: interrupted. Finished rules are saved; rerun the same command to resume.", file=sys.stderr)
+        print("\ncreditscape: interrupted. Finished runs and the last checkpoint are saved; rerun the same command "
+              "to resume.", file=sys.stderr)
         return 130
 
 

@@ -18,6 +18,14 @@ A config has top-level keys ``name``, ``seeds`` (a list, or a count n meaning 0.
     [train]                  # TrainConfig fields
     steps = 600
 
+    [grid]                   # optional: every combination of these values is run
+    "task.name" = ["perceptual_decision", "delayed_match_sample"]
+    "model.alpha" = [0.0, 0.9]
+    "train.learning_rate" = [0.01, 0.02]   # learning rates share one compiled program
+
+The grid's points other than the learning rate are **cells**; every rule runs in every cell, and
+within a cell all seeds × learning rates (the **members**) train in one vmapped program.
+
 Every error names the offending key, what was expected, and how to fix it.
 """
 
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import tomllib
 import types
 import typing
@@ -45,41 +54,83 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MeasureConfig:
-    """Final measurements. ``curvature_batch``: training sequences used for the Hessian;
-    ``lanczos_steps``: Lanczos iterations for λ_max of the exact loss w.r.t. ``curvature_block``."""
+    """Measurements. ``curvature_batch``: training sequences used for the Hessian (of the exact
+    loss, with the L2 term if ``l2_in_curvature``); ``lanczos_steps``: Lanczos iterations for
+    λ_max w.r.t. ``curvature_block`` at every evaluation; ``trace_probes``: HVPs of the final
+    Hutch++ trace; ``slice_points``/``slice_radius``: the final filter-normalized loss slices
+    (coordinates in [-radius, radius]); ``sharpness_scale``: relative scale of the final random
+    weight perturbations (expected loss increase, antithetic pairs); ``save_trajectory``: keep the parameters at every
+    evaluation so that ``creditscape curvature`` can measure them later."""
 
     curvature_block: str = "w_rec"
     curvature_batch: int = 256
     lanczos_steps: int = 30
     l2_in_curvature: bool = True
+    trace_probes: int = 30
+    slice_points: int = 21
+    slice_radius: float = 1.0
+    sharpness_scale: float = 0.05
+    save_trajectory: bool = True
+
+    def __post_init__(self):
+        if self.curvature_block not in ("all", "recurrent", "w_rec"):
+            raise ValueError(f"measure.curvature_block: expected all, recurrent or w_rec, got {self.curvature_block!r}.")
+        for name in ("curvature_batch", "lanczos_steps", "trace_probes", "slice_points", "slice_radius", "sharpness_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"measure.{name}: must be > 0, got {getattr(self, name)!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
 class RuleSpec:
+    """A rule as the experiment runs it: its form, its label in results, and its own training
+    settings (``train`` overrides of [train], e.g. more iterations for a slower rule)."""
+
     rule: Rule
     form: str
     label: str
+    train: tuple[tuple[str, Any], ...] = ()
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(base, form=self.form, **dict(self.train))
 
 
 @dataclasses.dataclass(frozen=True)
-class Experiment:
-    """A fully resolved experiment."""
+class Cell:
+    """One point of the grid, learning rates aside: a task, its data sizes, a model and a training
+    setup. ``values`` are the cell's grid coordinates (dotted key → value, learning rate excluded);
+    ``learning_rates`` the base η values that train side by side in each of its programs."""
 
-    name: str
-    seeds: tuple[int, ...]
-    data_seed: int
+    index: int
+    values: tuple[tuple[str, Any], ...]
     task: Task
     n_train: int
     n_test: int
     noise_levels: tuple[float, ...]
     model: ModelConfig
     train: TrainConfig
+    learning_rates: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A fully resolved experiment: every rule runs in every cell, for every seed × learning rate."""
+
+    name: str
+    seeds: tuple[int, ...]
+    data_seed: int
+    cells: tuple[Cell, ...]
     rules: tuple[RuleSpec, ...]
     measure: MeasureConfig
-    raw: dict  # the config as given, with defaults filled in (written to the results folder)
+    raw: dict  # the config as given (written to the results folder)
+
+    def members(self, cell: Cell, spec: RuleSpec) -> list[tuple[int, float]]:
+        """(seed, learning rate) of each network trained in the program of ``spec`` in ``cell``."""
+        lrs = [dict(spec.train)["learning_rate"]] if "learning_rate" in dict(spec.train) else cell.learning_rates
+        return [(seed, lr) for lr in lrs for seed in self.seeds]
 
 
-_TOP = {"name", "seeds", "data_seed", "rules", "task", "model", "train", "measure"}
+_TOP = {"name", "seeds", "data_seed", "rules", "task", "model", "train", "measure", "grid"}
+_GRID_SECTIONS = ("task", "model", "train")
 _TASK_KEYS = {"name", "n_train", "n_test", "noise_levels"}
 
 
@@ -133,39 +184,59 @@ def _rule_spec(entry, default_form: str | None, where: str) -> RuleSpec:
         entry = {"name": entry}
     if not isinstance(entry, dict) or "name" not in entry:
         raise ConfigError(f"{where}: a rule is a name or a table with a `name` key, got {entry!r}.")
-    options = {k: v for k, v in entry.items() if k not in ("name", "form")}
+    options = {k: v for k, v in entry.items() if k not in ("name", "form", "train")}
+    train = entry.get("train", {})
+    if not isinstance(train, dict):
+        raise ConfigError(f"{where}.train: expected a table of [train] settings, e.g. train = {{steps = 16000}}.")
+    if "form" in train:
+        raise ConfigError(f"{where}.train: set the form as the rule's own `form` key, not in its train table.")
     try:
         cls = rule_class(entry["name"])
         rule = _build(cls, options, f"{where} ({entry['name']})")
         form = rule.check_form(entry.get("form", default_form))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    label = rule.name + "".join(f" {k}={v}" for k, v in options.items())
+    label = rule.name + "".join(f" {k}={v}" for k, v in {**options, **train}.items())
     if "form" in entry:
         label += f" ({form})"
-    return RuleSpec(rule, form, label)
+    return RuleSpec(rule, form, label, tuple(train.items()))
 
 
-def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
-    """Validate a parsed config and resolve it into an :class:`Experiment`.
+def _grid(raw: dict) -> dict[str, list]:
+    grid = raw.get("grid", {})
+    if not isinstance(grid, dict):
+        raise ConfigError(f"[grid]: expected a table of `\"section.key\" = [values]`, got {grid!r}.")
+    for key, values in grid.items():
+        section, _, field = key.partition(".")
+        if section not in _GRID_SECTIONS or not field:
+            raise ConfigError(f"[grid] key {key!r}: expected \"task.<key>\", \"model.<key>\" or \"train.<key>\", "
+                              'e.g. "train.learning_rate" = [0.01, 0.02].')
+        if field in ("n_train", "n_test", "noise_levels"):
+            raise ConfigError(f"[grid] key {key!r}: data sizes and noise levels cannot vary; set them in [task].")
+        if key == "train.form":
+            raise ConfigError('[grid] key "train.form": forms belong to rules, e.g. rules = [{name = "eprop", form = "online"}].')
+        if not isinstance(values, list) or not values or len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"[grid].{key!r}: expected a non-empty list of distinct values, got {values!r}.")
+    return grid
 
-    Raises:
-        ConfigError: unknown key, wrong type, bad value, unknown task or rule (with the fix).
-    """
-    _unknown(raw, _TOP, "the config")
-    task_raw = dict(raw.get("task", {"name": "cue_recall"}))
-    if "name" not in task_raw:
-        raise ConfigError("[task] needs a `name` (see `creditscape tasks`).")
+
+def _cell(index: int, values: dict, raw: dict, mnist_dir: str | None, learning_rates) -> Cell:
+    sections = {name: dict(raw.get(name, {})) for name in _GRID_SECTIONS}
+    sections["task"].setdefault("name", "cue_recall")
+    for key, value in values.items():
+        section, _, field = key.partition(".")
+        sections[section][field] = value
+    where = "".join(f" {k}={v}" for k, v in values.items())
+    where = f" (grid point{where})" if where else ""
+    task_raw = sections["task"]
     try:
         cls = task_class(task_raw["name"])
     except ValueError as err:
         raise ConfigError(str(err)) from None
     task_params = {k: v for k, v in task_raw.items() if k not in _TASK_KEYS}
-    if mnist_dir is not None:
-        if "mnist_dir" not in {f.name for f in dataclasses.fields(cls)}:
-            raise ConfigError(f"--mnist-dir was given but task {cls.name!r} reads no MNIST files.")
+    if mnist_dir is not None and "mnist_dir" in {f.name for f in dataclasses.fields(cls)}:
         task_params["mnist_dir"] = mnist_dir
-    task = _build(cls, task_params, f"[task] ({cls.name})")
+    task = _build(cls, task_params, f"[task] ({cls.name}){where}")
     try:
         task.check()  # e.g. MNIST files present and valid, before anything else
     except (FileNotFoundError, ValueError) as err:
@@ -177,11 +248,40 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
     noise_levels = task_raw.get("noise_levels", [0.2])
     if not isinstance(noise_levels, list) or not all(_type_ok(v, float) and v >= 0 for v in noise_levels):
         raise ConfigError(f"[task].noise_levels: expected a list of non-negative numbers, got {noise_levels!r}.")
+    model = _build(ModelConfig, sections["model"], f"[model]{where}", n_in=task.n_in, n_out=task.n_out,
+                   loss=task.loss)
+    train = _build(TrainConfig, sections["train"], f"[train]{where}")
+    lrs = tuple(float(lr) for lr in learning_rates) if learning_rates else (train.learning_rate,)
+    for lr in lrs:
+        _build(TrainConfig, {**sections["train"], "learning_rate": lr}, "[grid].\"train.learning_rate\"")
+    return Cell(index, tuple(values.items()), task, n_train, n_test, tuple(float(v) for v in noise_levels),
+                model, train, lrs)
 
-    model = _build(
-        ModelConfig, dict(raw.get("model", {})), "[model]", n_in=task.n_in, n_out=task.n_out, loss=task.loss
+
+def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
+    """Validate a parsed config and resolve it into an :class:`Experiment`.
+
+    Raises:
+        ConfigError: unknown key, wrong type, bad value, unknown task or rule (with the fix).
+    """
+    _unknown(raw, _TOP, "the config")
+    if "task" in raw and "name" not in raw["task"] and "task.name" not in raw.get("grid", {}):
+        raise ConfigError("[task] needs a `name` (see `creditscape tasks`).")
+    grid = _grid(raw)
+    learning_rates = grid.get("train.learning_rate")
+    axes = {k: v for k, v in grid.items() if k != "train.learning_rate"}
+    if mnist_dir is not None:
+        names = grid.get("task.name", [dict(raw.get("task", {})).get("name", "cue_recall")])
+        try:
+            reads = [any(f.name == "mnist_dir" for f in dataclasses.fields(task_class(n))) for n in names]
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if not any(reads):
+            raise ConfigError("--mnist-dir was given but no task of this experiment reads MNIST files.")
+    cells = tuple(
+        _cell(i, dict(zip(axes, point)), raw, mnist_dir, learning_rates)
+        for i, point in enumerate(itertools.product(*axes.values()))
     )
-    train = _build(TrainConfig, dict(raw.get("train", {})), "[train]")
     measure = _build(MeasureConfig, dict(raw.get("measure", {})), "[measure]")
 
     seeds = raw.get("seeds", 4)
@@ -189,6 +289,8 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
         seeds = list(range(seeds))
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ConfigError(f"seeds: expected a positive count or a list of non-negative integers, got {seeds!r}.")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: each seed once, got {seeds!r}.")
     data_seed = raw.get("data_seed", 0)
     if not isinstance(data_seed, int) or isinstance(data_seed, bool):
         raise ConfigError(f"data_seed: expected an integer, got {data_seed!r}.")
@@ -196,7 +298,12 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
     rules_raw = raw.get("rules", ["bptt"])
     if not isinstance(rules_raw, list) or not rules_raw:
         raise ConfigError(f"rules: expected a non-empty list of rule names or tables, got {rules_raw!r}.")
-    specs = tuple(_rule_spec(e, train.form, f"rules[{i}]") for i, e in enumerate(rules_raw))
+    specs = tuple(_rule_spec(e, cells[0].train.form, f"rules[{i}]") for i, e in enumerate(rules_raw))
+    for i, spec in enumerate(specs):
+        if spec.train and "train.learning_rate" in grid and "learning_rate" in dict(spec.train):
+            raise ConfigError(f"rules[{i}]: a learning rate is set both for the rule and in [grid]; keep one.")
+        for cell in cells:  # every rule's own settings must make a valid [train] in every cell
+            _build(TrainConfig, {**_jsonable(cell.train), **dict(spec.train)}, f"rules[{i}].train")
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"rules: the same rule appears twice ({labels}); give each a different option or form.")
@@ -204,11 +311,8 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
     name = raw.get("name", "experiment")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name: expected a non-empty string, got {name!r}.")
-    return Experiment(
-        name=name, seeds=tuple(seeds), data_seed=data_seed, task=task, n_train=n_train, n_test=n_test,
-        noise_levels=tuple(float(v) for v in noise_levels), model=model, train=train, rules=specs,
-        measure=measure, raw=raw,
-    )
+    return Experiment(name=name, seeds=tuple(seeds), data_seed=data_seed, cells=cells, rules=specs,
+                      measure=measure, raw=raw)
 
 
 def preset_names() -> list[str]:
@@ -250,10 +354,18 @@ def resolved_dict(exp: Experiment) -> dict:
         "name": exp.name,
         "seeds": list(exp.seeds),
         "data_seed": exp.data_seed,
-        "task": {"name": exp.task.name, "n_train": exp.n_train, "n_test": exp.n_test,
-                 "noise_levels": list(exp.noise_levels), **_jsonable(exp.task)},
-        "model": _jsonable(exp.model),
-        "train": _jsonable(exp.train),
-        "rules": [{"name": s.rule.name, "form": s.form, "label": s.label, **_jsonable(s.rule)} for s in exp.rules],
+        "cells": [
+            {
+                "values": dict(c.values),
+                "task": {"name": c.task.name, "n_train": c.n_train, "n_test": c.n_test,
+                         "noise_levels": list(c.noise_levels), **_jsonable(c.task)},
+                "model": _jsonable(c.model),
+                "train": _jsonable(c.train),
+                "learning_rates": list(c.learning_rates),
+            }
+            for c in exp.cells
+        ],
+        "rules": [{"name": s.rule.name, "form": s.form, "label": s.label, "train": dict(s.train), **_jsonable(s.rule)}
+                  for s in exp.rules],
         "measure": _jsonable(exp.measure),
     }

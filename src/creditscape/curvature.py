@@ -72,6 +72,11 @@ def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int):
 
     Two Gram–Schmidt passes per step keep Q orthogonal to machine precision, so no spurious
     copies of converged eigenvalues appear. A start vector need not be normalized.
+
+    If the Krylov space is exhausted (an invariant subspace: the new residual is at rounding
+    level, ‖w‖ ≤ 100·eps·‖Aq‖), the iteration stops there: later rows of Q and T are zero.
+    Continuing from a rounding-noise direction would break Q A Qᵀ = T and produce Ritz values
+    outside the spectrum.
     """
     dim = v0.shape[0]
     if not 1 <= steps <= dim:
@@ -85,11 +90,14 @@ def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int):
         q = basis[i]
         w = matvec(q)
         a = jnp.vdot(q, w)
+        scale = jnp.linalg.norm(w)
         mask = (jnp.arange(steps) <= i).astype(v0.dtype)[:, None]
         for _ in range(2):
             w = w - (mask * basis).T @ ((mask * basis) @ w)
         b = jnp.linalg.norm(w)
-        nxt = jnp.where(b > 1e-30, w / jnp.maximum(b, 1e-30), 0.0)
+        broken = b <= 100 * jnp.finfo(v0.dtype).eps * scale
+        b = jnp.where(broken, 0.0, b)
+        nxt = jnp.where(broken, 0.0, w / jnp.where(broken, 1.0, b))
         basis = jnp.where(i + 1 < steps, basis.at[jnp.minimum(i + 1, steps - 1)].set(nxt), basis)
         return basis, alphas.at[i].set(a), betas.at[i].set(b)
 
@@ -106,7 +114,11 @@ def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1) -> Eigen:
         raise ValueError(f"lanczos: need 1 <= k ({k}) <= steps ({steps}).")
     tri, basis = lanczos_tridiagonal(matvec, v0, steps)
     vals, vecs = jnp.linalg.eigh(tri)
-    order = jnp.argsort(-vals)[:k]
+    # After an exhausted Krylov space T is block diagonal with a zero block; its eigenvalues
+    # (zeros) are not Ritz values and rank last.
+    live = jnp.linalg.norm(basis, axis=1) > 0
+    ritz = jnp.sum(jnp.where(live[:, None], vecs**2, 0.0), axis=0) > 0.5
+    order = jnp.argsort(-jnp.where(ritz, vals, -jnp.inf))[:k]
     return Eigen(vals[order], vecs[:, order].T @ basis)
 
 
@@ -145,13 +157,19 @@ class TraceEstimate(NamedTuple):
     stderr: jax.Array  # standard error of the estimate
 
 
+def rademacher(key: jax.Array, shape, dtype) -> jax.Array:
+    """±1 with equal probability. Drawn through int32 so that the draws do not depend on whether
+    JAX's 64-bit mode is on (``jax.random.rademacher`` goes through a default-precision float)."""
+    return (2 * jax.random.randint(key, shape, 0, 2, dtype=jnp.int32) - 1).astype(dtype)
+
+
 def hutchinson(matvec: Callable, dim: int, n: int, key: jax.Array, dtype=jnp.float64) -> TraceEstimate:
     """tr(A) ≈ (1/n) Σ zᵀAz with Rademacher z (unbiased: E[zzᵀ] = I); n mat-vecs.
 
     References: Hutchinson, "A stochastic estimator of the trace of the influence matrix for
     Laplacian smoothing splines", 1989.
     """
-    z = jax.random.rademacher(key, (n, dim), dtype)
+    z = rademacher(key, (n, dim), dtype)
     samples = jax.vmap(lambda v: jnp.vdot(v, matvec(v)))(z)
     return TraceEstimate(samples.mean(), samples.std(ddof=1) / jnp.sqrt(n))
 
@@ -166,9 +184,9 @@ def hutch_plus_plus(matvec: Callable, dim: int, n: int, key: jax.Array, dtype=jn
     m = max(n // 3, 2)
     k1, k2 = jax.random.split(key)
     mv = jax.vmap(matvec, in_axes=1, out_axes=1)
-    q, _ = jnp.linalg.qr(mv(jax.random.rademacher(k1, (dim, m), dtype)))
+    q, _ = jnp.linalg.qr(mv(rademacher(k1, (dim, m), dtype)))
     top = jnp.trace(q.T @ mv(q))
-    g = jax.random.rademacher(k2, (dim, m), dtype)
+    g = rademacher(k2, (dim, m), dtype)
     g = g - q @ (q.T @ g)
     ag = mv(g)
     samples = jnp.sum(g * (ag - q @ (q.T @ ag)), axis=0)

@@ -1,20 +1,24 @@
-"""Running an experiment: data, one compiled ensemble per rule, final measurements, results folder.
+"""Running an experiment: data, one compiled ensemble per (cell, rule), measurements, results folder.
 
 Results folder layout::
 
-    config.json        the resolved experiment (every default explicit)
-    environment.json   versions, device, platform, start time
-    runs/NN-<rule>.npz one file per rule (all seeds): histories, final parameters, λ_max;
-                       written atomically, so an interrupted experiment rerun with the same
-                       command skips the rules already done and loses nothing finished
-    final.parquet      one row per (rule, seed): final metrics
-    history.parquet    one row per (rule, seed, evaluation step)
+    config.json          the resolved experiment (every default explicit)
+    config.input.json    the config as given
+    environment.json     versions, devices, platform, XLA flags, start time
+    runs/cNN-rNN-<rule>.npz        one file per (grid cell, rule), all members (seeds × learning
+                         rates): histories, final parameters and measurements, parameter trajectory
+    runs/cNN-rNN-<rule>.ckpt.npz   progress of the run in flight (deleted when it is done)
+    final.parquet        one row per member: final metrics
+    history.parquet      one row per (member, evaluation step)
     report.md, report.html, figures/   written by :mod:`creditscape.report`
+
+Every file is written atomically. An interrupted experiment rerun with the same command skips the
+runs already done and continues the one in flight from its last checkpoint, with results
+bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -29,12 +33,14 @@ import numpy as np
 import pandas as pd
 
 from creditscape import __version__
-from creditscape.config import Experiment, RuleSpec, resolved_dict
+from creditscape._files import atomic_write_bytes, load_arrays, save_arrays
+from creditscape.config import Cell, Experiment, RuleSpec, resolve, resolved_dict
 from creditscape.curvature import block_loss, hutch_plus_plus, hvp, lanczos
 from creditscape.model import Params, Structure
 from creditscape.objective import Batch
+from creditscape.sharpness import filter_normalized_direction, loss_slice, random_sharpness
 from creditscape.tasks import make_splits
-from creditscape.train import CurvatureProbe, to_device, train_ensemble
+from creditscape.train import Checkpoint, CurvatureProbe, to_device, train_ensemble
 
 
 def environment() -> dict:
@@ -53,75 +59,153 @@ def environment() -> dict:
         "devices": [str(d) for d in jax.devices()],
         "platform": platform.platform(),
         "x64": bool(jax.config.jax_enable_x64),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _slug(i: int, spec: RuleSpec) -> str:
-    return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9=.]+", "_", spec.label).strip("_")
+def _slug(cell: Cell, i: int, spec: RuleSpec) -> str:
+    return f"c{cell.index:02d}-r{i:02d}-" + re.sub(r"[^A-Za-z0-9=.]+", "_", spec.label).strip("_")
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _splits(exp: Experiment, cell: Cell):
+    return make_splits(cell.task, cell.n_train, cell.n_test, exp.data_seed, cell.noise_levels)
 
 
-def _run_rule(exp: Experiment, spec: RuleSpec, splits, eval_sets, progress) -> dict:
-    start = time.perf_counter()
-    tcfg = dataclasses.replace(exp.train, form=spec.form)
+def _curvature_batch(exp: Experiment, splits) -> Batch:
+    return to_device(Batch(*(a[: exp.measure.curvature_batch] for a in splits.train)))
+
+
+def make_final_measurements(exp: Experiment, cell: Cell, batch: Batch):
+    """Compiled, for all members of a run of ``cell`` at once: (params, structs, seeds) → per
+    member, on the curvature batch, the Hutch++ trace (± standard error) of the Hessian block,
+    random-perturbation sharpness, and filter-normalized 1-D and 2-D loss slices. Built once per
+    cell, it compiles once for all the cell's rules."""
     m = exp.measure
-    probe = CurvatureProbe(
-        batch=to_device(Batch(*(a[: m.curvature_batch] for a in splits.train))),
-        block=m.curvature_block, l2=exp.train.l2 if m.l2_in_curvature else 0.0, steps=m.lanczos_steps,
+    l2 = cell.train.l2 if m.l2_in_curvature else 0.0
+    c1 = jnp.linspace(-m.slice_radius, m.slice_radius, m.slice_points, dtype=batch.x.dtype)
+    n2 = (m.slice_points + 1) // 2
+    c2 = jnp.linspace(-m.slice_radius, m.slice_radius, n2, dtype=batch.x.dtype)
+    grid2 = jnp.stack(jnp.meshgrid(c2, c2, indexing="ij"), -1).reshape(-1, 2)
+
+    @jax.jit
+    @jax.vmap
+    def measure(params, struct, seed):
+        k_trace, k_sharp, k_d1, k_d2 = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 7), 4)
+        f, x0 = block_loss(cell.model, params, struct, batch, m.curvature_block, l2)
+        tr = hutch_plus_plus(lambda v: hvp(f, x0, v), x0.shape[0], m.trace_probes, k_trace, x0.dtype)
+        sharp = random_sharpness(cell.model, params, struct, batch, m.sharpness_scale, key=k_sharp)
+        d1 = filter_normalized_direction(params, struct, k_d1)
+        d2 = filter_normalized_direction(params, struct, k_d2)
+        s1 = loss_slice(cell.model, params, struct, batch, (d1,), c1[:, None])
+        s2 = loss_slice(cell.model, params, struct, batch, (d1, d2), grid2).reshape(n2, n2)
+        return {"trace": tr.value, "trace_stderr": tr.stderr, "sharpness_random": sharp.value,
+                "slice1d": s1, "slice2d": s2}
+
+    def final_measurements(params: Params, structs: Structure, seeds) -> dict:
+        out = jax.device_get(measure(params, structs, jnp.asarray(seeds)))
+        return {**{f"final/{k}": v for k, v in out.items()}, "slice1d_coords": np.asarray(c1),
+                "slice2d_coords": np.asarray(c2)}
+
+    return final_measurements
+
+
+def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, final_measurements, path: Path,
+         progress, checkpoint_seconds) -> dict:
+    start = time.perf_counter()
+    tcfg = spec.train_config(cell.train)
+    m = exp.measure
+    probe = CurvatureProbe(batch=batch, block=m.curvature_block, l2=cell.train.l2 if m.l2_in_curvature else 0.0,
+                           steps=m.lanczos_steps)
+    seeds, lrs = zip(*exp.members(cell, spec))
+    eval_sets = {"train": splits.train, "test": splits.test,
+                 **{f"perturbed[{k}]": v for k, v in splits.perturbed.items()}}
+    result = train_ensemble(
+        cell.model, spec.rule, tcfg, seeds, splits.train, eval_sets, learning_rates=lrs, probe=probe,
+        keep_trajectory=m.save_trajectory, checkpoint=Checkpoint(path.with_suffix(".ckpt.npz"), checkpoint_seconds),
+        progress=spec.label if progress else False,
     )
-    result = train_ensemble(exp.model, spec.rule, tcfg, exp.seeds, splits.train, eval_sets, probe=probe,
-                            progress=f"{spec.label}" if progress else False)
-    total = time.perf_counter() - start
-    measure_time = float(result.eval_seconds.sum())
+    measure_start = time.perf_counter()
+    final = final_measurements(result.params, result.structs, seeds)
+    measure_time = float(result.eval_seconds.sum()) + time.perf_counter() - measure_start
     out = {
-        "diverged_at": result.diverged_at,
-        "losses": result.losses,
-        "eval_steps": result.eval_steps,
-        "eval_seconds": result.eval_seconds,
-        "train_seconds": np.float64(total - measure_time),
+        "seeds": np.asarray(seeds), "learning_rates": np.asarray(lrs),
+        "diverged_at": result.diverged_at, "losses": result.losses,
+        "eval_steps": result.eval_steps, "eval_seconds": result.eval_seconds,
+        "train_seconds": np.float64(time.perf_counter() - start - measure_time),
         "measure_seconds": np.float64(measure_time),
+        **final,
     }
     out.update({f"eval/{k}": v for k, v in result.evals.items()})
-    for name, leaf in zip(result.params._fields, result.params):
-        if leaf is not None:
-            out[f"params/{name}"] = np.asarray(leaf)
-    for name, leaf in zip(result.structs._fields, result.structs):
-        out[f"struct/{name}"] = np.asarray(leaf)
+    for prefix, tree in (("params", result.params), ("struct", result.structs), ("traj", result.trajectory)):
+        for name, leaf in zip(tree._fields, tree) if tree is not None else ():
+            if leaf is not None:
+                out[f"{prefix}/{name}"] = np.asarray(leaf)
     return out
 
 
-def _tables(exp: Experiment, runs: dict[str, dict]):
+CONDITION_SEPARATOR = " · "  # between a rule's label and its grid coordinates in a condition's name
+
+
+def _cell_columns(exp: Experiment, cell: Cell) -> dict:
+    """Table columns naming a cell: the task, and each grid coordinate by its field name."""
+    cols = {"cell": cell.index, "task": cell.task.name}
+    cols.update({k.partition(".")[2]: v for k, v in cell.values if k != "task.name"})
+    return cols
+
+
+def _condition(exp: Experiment, cell: Cell, spec: RuleSpec, lr: float) -> str:
+    """What a row is compared by within a task: the rule and the grid coordinates other than the task."""
+    parts = [f"{k.partition('.')[2]}={v}" for k, v in cell.values if k != "task.name"]
+    if "train.learning_rate" in exp.raw.get("grid", {}):
+        parts.append(f"η={lr:g}")
+    return spec.label + (CONDITION_SEPARATOR + ", ".join(parts) if parts else "")
+
+
+def _tables(exp: Experiment, runs: dict[tuple[int, int], dict]):
     final_rows, history_rows = [], []
-    for spec, (slug, r) in zip(exp.rules, runs.items()):
-        for si, seed in enumerate(exp.seeds):
-            row = {"rule": spec.label, "rule_name": spec.rule.name, "form": spec.form, "seed": seed,
-                   "diverged_at": int(r["diverged_at"][si]),
-                   "train_seconds": float(r["train_seconds"]) / len(exp.seeds)}
-            for k in r:
-                if k.startswith("eval/"):
-                    row[k[5:]] = float(r[k][si, -1])
+    for (ci, ri), r in runs.items():
+        cell, spec = exp.cells[ci], exp.rules[ri]
+        for mi, (seed, lr) in enumerate(zip(r["seeds"].tolist(), r["learning_rates"].tolist())):
+            key = {**_cell_columns(exp, cell), "condition": _condition(exp, cell, spec, lr), "rule": spec.label,
+                   "rule_name": spec.rule.name, "form": spec.form, "seed": seed, "learning_rate": lr}
+            row = {**key, "diverged_at": int(r["diverged_at"][mi]),
+                   "train_seconds": float(r["train_seconds"]) / len(r["seeds"])}
+            row.update({k[5:]: float(r[k][mi, -1]) for k in r if k.startswith("eval/")})
+            row.update({k[6:]: float(r[k][mi]) for k in ("final/trace", "final/trace_stderr", "final/sharpness_random")})
             row["gap_loss"] = row["test_loss"] - row["train_loss"]
             row["gap_accuracy"] = row["train_accuracy"] - row["test_accuracy"]
             final_rows.append(row)
             for j, step in enumerate(r["eval_steps"]):
-                h = {"rule": spec.label, "seed": seed, "step": int(step)}
-                h.update({k[5:]: float(r[k][si, j]) for k in r if k.startswith("eval/")})
+                h = {**key, "step": int(step)}
+                h.update({k[5:]: float(r[k][mi, j]) for k in r if k.startswith("eval/")})
                 history_rows.append(h)
     return pd.DataFrame(final_rows), pd.DataFrame(history_rows)
 
 
-def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, log=print) -> pd.DataFrame:
-    """Run (or resume) ``exp`` into folder ``out`` and return the table of final metrics."""
+def _slices(exp: Experiment, runs: dict[tuple[int, int], dict]) -> pd.DataFrame:
+    rows = []
+    for (ci, ri), r in runs.items():
+        cell, spec = exp.cells[ci], exp.rules[ri]
+        for mi, (seed, lr) in enumerate(zip(r["seeds"].tolist(), r["learning_rates"].tolist())):
+            key = {"task": cell.task.name, "condition": _condition(exp, cell, spec, lr), "seed": seed,
+                   "diverged_at": int(r["diverged_at"][mi])}
+            for c, loss in zip(r["slice1d_coords"], r["final/slice1d"][mi]):
+                rows.append({**key, "kind": "1d", "a": float(c), "b": 0.0, "loss": float(loss)})
+            c2 = r["slice2d_coords"]
+            for i, j in np.ndindex(len(c2), len(c2)):
+                rows.append({**key, "kind": "2d", "a": float(c2[i]), "b": float(c2[j]),
+                             "loss": float(r["final/slice2d"][mi, i, j])})
+    return pd.DataFrame(rows)
+
+
+def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, checkpoint_seconds: float = 30.0,
+                   log=print) -> pd.DataFrame:
+    """Run (or resume) ``exp`` into folder ``out`` and return the table of final metrics.
+
+    ``checkpoint_seconds``: the run in flight saves its progress at most this often (and at every
+    evaluation when 0); results do not depend on it.
+    """
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
@@ -137,76 +221,96 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, l
     atomic_write_bytes(out / "config.input.json", lambda f: f.write(json.dumps(exp.raw, indent=2).encode()))
     atomic_write_bytes(out / "environment.json", lambda f: f.write(json.dumps(environment(), indent=2).encode()))
 
-    log(f"[creditscape] {exp.name}: task {exp.task.name}, {len(exp.rules)} rules x {len(exp.seeds)} seeds -> {out}")
-    splits = make_splits(exp.task, exp.n_train, exp.n_test, exp.data_seed, exp.noise_levels)
-    eval_sets = {"train": splits.train, "test": splits.test, **{f"perturbed[{k}]": v for k, v in splits.perturbed.items()}}
+    n_runs = len(exp.cells) * len(exp.rules)
+    members = len(exp.members(exp.cells[0], exp.rules[0]))
+    log(f"[creditscape] {exp.name}: {len(exp.cells)} cell(s) x {len(exp.rules)} rules x {members} members "
+        f"(seeds x learning rates) -> {out}")
     runs = {}
-    for i, spec in enumerate(exp.rules):
-        slug = _slug(i, spec)
-        path = out / "runs" / f"{slug}.npz"
-        if path.exists():
-            log(f"  {spec.label}: already done ({path.name}), skipped")
-        else:
-            r = _run_rule(exp, spec, splits, eval_sets, progress)
-            atomic_write_bytes(path, lambda f: np.savez(f, **r))
-            log(f"  {spec.label}: trained in {float(r['train_seconds']):.1f}s, measured in {float(r['measure_seconds']):.1f}s")
-        with np.load(path) as f:
-            runs[slug] = dict(f)
+    for cell in exp.cells:
+        splits = _splits(exp, cell)
+        batch = _curvature_batch(exp, splits)
+        final_measurements = make_final_measurements(exp, cell, batch)
+        where = "".join(f" {k}={v}" for k, v in cell.values)
+        for ri, spec in enumerate(exp.rules):
+            path = out / "runs" / f"{_slug(cell, ri, spec)}.npz"
+            label = f"[{len(runs) + 1}/{n_runs}] {spec.label}{where}"
+            if path.exists():
+                log(f"  {label}: already done ({path.name}), skipped")
+            else:
+                resumed = path.with_suffix(".ckpt.npz").exists()
+                r = _run(exp, cell, spec, splits, batch, final_measurements, path, progress, checkpoint_seconds)
+                save_arrays(path, r)
+                path.with_suffix(".ckpt.npz").unlink(missing_ok=True)
+                log(f"  {label}: {'resumed from its checkpoint, ' if resumed else ''}trained in "
+                    f"{float(r['train_seconds']):.1f}s, measured in {float(r['measure_seconds']):.1f}s")
+            runs[cell.index, ri] = load_arrays(path)
     final, history = _tables(exp, runs)
     atomic_write_bytes(out / "final.parquet", lambda f: final.to_parquet(f, index=False))
     atomic_write_bytes(out / "history.parquet", lambda f: history.to_parquet(f, index=False))
+    slices = _slices(exp, runs)
+    atomic_write_bytes(out / "slices.parquet", lambda f: slices.to_parquet(f, index=False))
     return final
 
 
-def _saved_network(run: dict):
-    """Stacked (Params, Structure) of a rule's saved final networks."""
-    params = Params(*(jnp.asarray(run[f"params/{f}"]) if f"params/{f}" in run else None for f in Params._fields))
-    struct = Structure(*(jnp.asarray(run[f"struct/{f}"]) for f in Structure._fields))
-    return params, struct
+def _stacked(run: dict, prefix: str, cls):
+    return cls(*(jnp.asarray(run[f"{prefix}/{f}"]) if f"{prefix}/{f}" in run else None for f in cls._fields))
 
 
 def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30, top: int = 3,
-                  trace_probes: int = 30, mnist_dir: str | None = None) -> pd.DataFrame:
-    """Curvature of the saved final networks of a results folder, after the fact: top-``top``
-    signed Hessian eigenvalues (Lanczos, ``steps`` HVPs) and the Hutch++ trace with its standard
-    error (``trace_probes`` HVPs), on the block and evaluation batch of the experiment's config,
-    every seed of a rule in one compiled call. Writes ``curvature.parquet`` and returns it."""
-    from creditscape.config import resolve
-
+                  trace_probes: int = 30, along_training: bool = False, mnist_dir: str | None = None) -> pd.DataFrame:
+    """Curvature of saved networks, after the fact: top-``top`` signed Hessian eigenvalues
+    (Lanczos, ``steps`` HVPs) and the Hutch++ trace with its standard error (``trace_probes``
+    HVPs), on the block and curvature batch of the experiment's config, all members of a run in
+    one compiled call. The final networks, or with ``along_training`` the parameters saved at
+    every evaluation (``measure.save_trajectory``). Writes ``curvature.parquet`` and returns it."""
     run_dir = Path(run_dir)
     raw_path = run_dir / "config.input.json"
     if not raw_path.is_file():
         raise FileNotFoundError(f"{raw_path} not found: is {run_dir} a creditscape results folder?")
     exp = resolve(json.loads(raw_path.read_text()), mnist_dir=mnist_dir)
-    splits = make_splits(exp.task, exp.n_train, exp.n_test, exp.data_seed, exp.noise_levels)
-    batch = to_device(Batch(*(a[: exp.measure.curvature_batch] for a in splits.train)))
-    l2 = exp.train.l2 if exp.measure.l2_in_curvature else 0.0
-
-    @jax.jit
-    @jax.vmap
-    def measure(params, struct, key):
-        f, x0 = block_loss(exp.model, params, struct, batch, block, l2)
-        k1, k2 = jax.random.split(key)
-        n = min(steps, x0.shape[0])
-        eig = lanczos(lambda v: hvp(f, x0, v), jax.random.normal(k1, x0.shape, x0.dtype), n, min(top, n))
-        tr = hutch_plus_plus(lambda v: hvp(f, x0, v), x0.shape[0], trace_probes, k2, x0.dtype)
-        return eig.values, tr.value, tr.stderr
-
     rows = []
-    for i, spec in enumerate(exp.rules):
-        path = run_dir / "runs" / f"{_slug(i, spec)}.npz"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: rerun `creditscape run` on {run_dir} to finish it first.")
-        with np.load(path) as f:
-            run = dict(f)
-        params, struct = _saved_network(run)
-        keys = jax.random.split(jax.random.PRNGKey(exp.data_seed), len(exp.seeds))
-        vals, trace, err = (np.asarray(a) for a in measure(params, struct, keys))
-        for si, seed in enumerate(exp.seeds):
-            row = {"rule": spec.label, "seed": seed, "block": block, "trace": float(trace[si]),
-                   "trace_stderr": float(err[si]), "diverged_at": int(run["diverged_at"][si])}
-            row.update({f"eig{j + 1}": float(v) for j, v in enumerate(vals[si])})
-            rows.append(row)
+    for cell in exp.cells:
+        batch = _curvature_batch(exp, _splits(exp, cell))
+        l2 = cell.train.l2 if exp.measure.l2_in_curvature else 0.0
+
+        @jax.jit
+        @jax.vmap
+        def measure(params, struct, key):
+            f, x0 = block_loss(cell.model, params, struct, batch, block, l2)
+            k1, k2 = jax.random.split(key)
+            n = min(steps, x0.shape[0])
+            eig = lanczos(lambda v: hvp(f, x0, v), jax.random.normal(k1, x0.shape, x0.dtype), n, min(top, n))
+            tr = hutch_plus_plus(lambda v: hvp(f, x0, v), x0.shape[0], trace_probes, k2, x0.dtype)
+            return eig.values, tr.value, tr.stderr
+
+        for ri, spec in enumerate(exp.rules):
+            path = run_dir / "runs" / f"{_slug(cell, ri, spec)}.npz"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: rerun `creditscape run` on {run_dir} to finish it first.")
+            run = load_arrays(path)
+            struct = _stacked(run, "struct", Structure)
+            if along_training:
+                if "traj/w_rec" not in run:
+                    raise FileNotFoundError(f"{path} holds no parameter trajectory (measure.save_trajectory = false).")
+                params = _stacked(run, "traj", Params)
+                n_members, n_steps = params.w_rec.shape[:2]
+                params = jax.tree.map(lambda a: a.reshape(n_members * n_steps, *a.shape[2:]), params)
+                struct = jax.tree.map(lambda a: jnp.repeat(a, n_steps, axis=0), struct)
+                steps_of = np.tile(run["eval_steps"], n_members)
+            else:
+                params, n_steps = _stacked(run, "params", Params), 1
+                steps_of = np.full(len(run["seeds"]), run["eval_steps"][-1])
+            keys = jax.random.split(jax.random.PRNGKey(exp.data_seed), len(steps_of))
+            vals, trace, err = (np.asarray(a) for a in measure(params, struct, keys))
+            for i, step in enumerate(steps_of):
+                mi = i // n_steps
+                lr = float(run["learning_rates"][mi])
+                row = {**_cell_columns(exp, cell), "condition": _condition(exp, cell, spec, lr), "rule": spec.label,
+                       "seed": int(run["seeds"][mi]), "learning_rate": lr, "step": int(step), "block": block,
+                       "trace": float(trace[i]), "trace_stderr": float(err[i]),
+                       "diverged_at": int(run["diverged_at"][mi])}
+                row.update({f"eig{j + 1}": float(v) for j, v in enumerate(vals[i])})
+                rows.append(row)
     table = pd.DataFrame(rows)
     atomic_write_bytes(run_dir / "curvature.parquet", lambda f: table.to_parquet(f, index=False))
     return table

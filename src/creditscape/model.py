@@ -161,7 +161,7 @@ def init_structure(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Struc
     n = cfg.n_rec
     mask = jnp.ones((n, n), dtype)
     if cfg.connectivity < 1.0:
-        mask = jax.random.bernoulli(key, cfg.connectivity, (n, n)).astype(dtype)
+        mask = (jax.random.uniform(key, (n, n), dtype) < cfg.connectivity).astype(dtype)  # dtype fixed: same draws in 64-bit mode
     if not cfg.self_connections:
         mask = mask * (1 - jnp.eye(n, dtype=dtype))
     idx = jnp.arange(n)

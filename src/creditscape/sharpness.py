@@ -119,7 +119,8 @@ def filter_normalized_direction(params: Params, struct: Structure, key: jax.Arra
 
 def loss_slice(cfg, params, struct, batch, directions: tuple[Params, ...], coords: jax.Array) -> jax.Array:
     """L(θ + Σ_k c_k d_k) at each row c of ``coords`` (n, len(directions)): 1-D slices with one
-    direction, 2-D surfaces with two (pass a flattened grid)."""
+    direction, 2-D surfaces with two (pass a flattened grid). Points are evaluated one after the
+    other (``lax.map``): memory stays that of one loss evaluation."""
 
     def at(c):
         p = params
@@ -127,4 +128,4 @@ def loss_slice(cfg, params, struct, batch, directions: tuple[Params, ...], coord
             p = _add(p, d, ck)
         return exact_loss(cfg, p, struct, batch)
 
-    return jax.vmap(at)(coords)
+    return jax.lax.map(at, coords)

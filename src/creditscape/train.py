@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from jax.flatten_util import ravel_pytree
 
 from creditscape import model as _model
+from creditscape._files import save_arrays
 from creditscape.curvature import _select, block_loss, hvp, lanczos
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, draw_noise, evaluate, l2_gradient, l2_penalty
@@ -82,21 +84,25 @@ class TrainConfig:
             )
 
 
-def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
+def learning_rate_multiplier(tcfg: TrainConfig) -> optax.Schedule:
+    """The schedule relative to the base η: the learning rate at step t is η·m(t), m(0) = 1."""
     if tcfg.schedule == "cosine":
-        return optax.cosine_decay_schedule(tcfg.learning_rate, tcfg.steps)
+        return optax.cosine_decay_schedule(1.0, tcfg.steps)
     if tcfg.schedule == "boost":
-        return optax.piecewise_constant_schedule(
-            tcfg.learning_rate, {int(tcfg.boost_at * tcfg.steps): tcfg.boost_factor}
-        )
-    return optax.constant_schedule(tcfg.learning_rate)
+        return optax.piecewise_constant_schedule(1.0, {int(tcfg.boost_at * tcfg.steps): tcfg.boost_factor})
+    return optax.constant_schedule(1.0)
 
 
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-    lr = learning_rate_schedule(tcfg)
+    """The optimizer at unit base learning rate: its update times η is the update at rate η.
+
+    Both SGD (with momentum) and Adam end in a multiplication by the learning rate, so the base η
+    can live in each ensemble member's state: members with different η share one compiled program.
+    """
+    m = learning_rate_multiplier(tcfg)
     if tcfg.optimizer == "adam":
-        return optax.adam(lr)
-    return optax.sgd(lr, momentum=tcfg.momentum or None)
+        return optax.adam(m)
+    return optax.sgd(m, momentum=tcfg.momentum or None)
 
 
 class TrainState(NamedTuple):
@@ -107,25 +113,35 @@ class TrainState(NamedTuple):
     key: jax.Array
     step: jax.Array  # int32: iterations done
     diverged_at: jax.Array  # int32: iteration that produced NaN/inf, -1 if none
+    learning_rate: jax.Array  # base η of this member (the schedule multiplies it)
 
 
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
-def init_seed(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, seed, dtype=jnp.float32):
-    """(TrainState, Structure, rule state) of one seed; every random choice flows from ``seed``."""
+def init_seed(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, seed, dtype=jnp.float32, learning_rate=None):
+    """(TrainState, Structure, rule state) of one seed; every random choice flows from ``seed``.
+    ``learning_rate`` (default ``tcfg.learning_rate``) is the member's base η."""
     k_model, k_rule, k_train = jax.random.split(jax.random.PRNGKey(seed), 3)
     params, struct = _model.init(cfg, k_model, dtype)
     rule_state = rule.init(cfg, params, struct, key=k_rule)
     opt_state = make_optimizer(tcfg).init(params)
-    state = TrainState(params, opt_state, k_train, jnp.int32(0), jnp.int32(-1))
+    lr = jnp.asarray(tcfg.learning_rate if learning_rate is None else learning_rate, dtype)
+    state = TrainState(params, opt_state, k_train, jnp.int32(0), jnp.int32(-1), lr)
     return state, struct, rule_state
 
 
-def init_ensemble(cfg, rule, tcfg, seeds, dtype=jnp.float32):
-    """Stacked (TrainState, Structure, rule state) for ``seeds``."""
-    return jax.vmap(lambda s: init_seed(cfg, rule, tcfg, s, dtype))(jnp.asarray(seeds))
+def init_ensemble(cfg, rule, tcfg, seeds, dtype=jnp.float32, learning_rates=None):
+    """Stacked (TrainState, Structure, rule state) for ``seeds`` (member i: seed ``seeds[i]``,
+    base η ``learning_rates[i]``, default ``tcfg.learning_rate`` for all)."""
+    seeds = list(seeds)
+    lrs = [tcfg.learning_rate] * len(seeds) if learning_rates is None else list(learning_rates)
+    if len(lrs) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds but {len(lrs)} learning rates: give one per member.")
+    return jax.vmap(lambda s, lr: init_seed(cfg, rule, tcfg, s, dtype, lr))(
+        jnp.asarray(seeds), jnp.asarray(lrs, dtype)
+    )
 
 
 def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
@@ -135,7 +151,7 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
 
     def iteration(state: TrainState, struct: Structure, rule_state, train_set: Batch):
         key, k_batch, k_noise = jax.random.split(state.key, 3)
-        idx = jax.random.randint(k_batch, (tcfg.batch_size,), 0, train_set.x.shape[0])
+        idx = jax.random.randint(k_batch, (tcfg.batch_size,), 0, train_set.x.shape[0], dtype=jnp.int32)
         batch = jax.tree.map(lambda a: a[idx], train_set)
         noise = draw_noise(cfg, batch, k_noise)
         loss, grads = rule.gradient(cfg, state.params, struct, rule_state, batch, noise, form=form)
@@ -143,6 +159,7 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
             loss = loss + tcfg.l2 * l2_penalty(state.params)
             grads = jax.tree.map(lambda g, w: g + tcfg.l2 * w, grads, l2_gradient(state.params))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: state.learning_rate * u, updates)
         params = _model.project(cfg, optax.apply_updates(state.params, updates), struct)
         alive = state.diverged_at < 0
         ok = jnp.isfinite(loss) & _all_finite(params)
@@ -151,7 +168,7 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
             lambda new, old: jnp.where(keep, new, old), (params, opt_state), (state.params, state.opt_state)
         )
         diverged_at = jnp.where(alive & ~ok, state.step, state.diverged_at)
-        new_state = TrainState(params, opt_state, key, state.step + 1, diverged_at)
+        new_state = TrainState(params, opt_state, key, state.step + 1, diverged_at, state.learning_rate)
         return new_state, jnp.where(keep, loss, jnp.nan)
 
     return iteration
@@ -212,20 +229,65 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
 
 
 class TrainResult(NamedTuple):
-    """What training an ensemble produced (leading axis: seed)."""
+    """What training an ensemble produced (leading axis: member = seed, learning rate)."""
 
     params: Params
     structs: Structure
     rule_states: object
-    diverged_at: np.ndarray  # (seeds,) iteration of divergence, -1 if none
-    losses: np.ndarray  # (seeds, steps) training minibatch loss (incl. L2), NaN after divergence
+    diverged_at: np.ndarray  # (members,) iteration of divergence, -1 if none
+    losses: np.ndarray  # (members, steps) training minibatch loss (incl. L2), NaN after divergence
     eval_steps: np.ndarray  # (n_evals,) iteration counts at which ``evals`` were taken
-    evals: dict[str, np.ndarray]  # name → (seeds, n_evals)
+    evals: dict[str, np.ndarray]  # name → (members, n_evals)
     eval_seconds: np.ndarray  # (n_evals,) wall time of each evaluation (incl. curvature)
+    trajectory: Params | None  # parameters at every evaluation, leaves (members, n_evals, ...)
 
 
 def to_device(batch: Batch) -> Batch:
     return Batch(*(jnp.asarray(a) for a in batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where and how often :func:`train_ensemble` saves its progress.
+
+    The file holds the whole ensemble state after the last finished chunk (parameters, optimizer
+    state, random keys, Lanczos warm start) and everything recorded so far, written atomically.
+    Training started again with the same arguments continues from it and produces results
+    bit-identical to an uninterrupted run. ``every_seconds = 0`` saves after every chunk.
+    """
+
+    path: Path
+    every_seconds: float = 30.0
+
+
+def _snapshot(states, v, losses, evals, seconds, trajectory) -> dict:
+    out = {f"state/{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(states))}
+    out["v"] = np.asarray(v)
+    out["losses"] = np.concatenate(losses, axis=1) if losses else np.zeros((len(v), 0))
+    out["seconds"] = np.asarray(seconds)
+    out.update({f"eval/{k}": np.stack([e[k] for e in evals]) for k in evals[0]})
+    if trajectory:
+        for name, leaves in zip(Params._fields, zip(*trajectory)):
+            if leaves[0] is not None:
+                out[f"traj/{name}"] = np.stack(leaves)
+    return out
+
+
+def _restore(snap: dict, states):
+    leaves, treedef = jax.tree.flatten(states)
+    if len(leaves) != sum(k.startswith("state/") for k in snap) or any(
+        snap[f"state/{i}"].shape != leaf.shape for i, leaf in enumerate(leaves)
+    ):
+        raise ValueError("The checkpoint does not match this ensemble (other model, rule or seeds); delete it to restart.")
+    states = jax.tree.unflatten(treedef, [jnp.asarray(snap[f"state/{i}"]) for i in range(len(leaves))])
+    n = snap["seconds"].shape[0]
+    evals = [{k[5:]: snap[k][j] for k in snap if k.startswith("eval/")} for j in range(n)]
+    trajectory = [
+        Params(*(jnp.asarray(snap[f"traj/{f}"][j]) if f"traj/{f}" in snap else None for f in Params._fields))
+        for j in range(n if any(k.startswith("traj/") for k in snap) else 0)
+    ]
+    losses = [snap["losses"]] if snap["losses"].shape[1] else []
+    return states, jnp.asarray(snap["v"]), losses, evals, list(snap["seconds"]), trajectory
 
 
 def train_ensemble(
@@ -236,18 +298,25 @@ def train_ensemble(
     train_set: Batch,
     eval_sets: dict[str, Batch] | None = None,
     *,
+    learning_rates=None,
     align_size: int = 64,
     probe: CurvatureProbe | None = None,
+    keep_trajectory: bool = False,
+    checkpoint: Checkpoint | None = None,
     progress: bool | str = True,
 ) -> TrainResult:
-    """Train one network per seed with ``rule``; evaluate at every chunk boundary.
+    """Train one network per member with ``rule``; evaluate at every chunk boundary.
 
     Args:
         seeds: integer seeds; seed s draws the network, the rule's state, minibatches and noise.
         train_set: the fixed training set.
         eval_sets: named fixed sets evaluated along training (default: ``{"train": train_set}``).
+        learning_rates: base η of each member (same length as ``seeds``; default
+            ``tcfg.learning_rate``). Members with different η train in the same compiled program.
         align_size: the first ``align_size`` training sequences form the alignment batch.
         probe: also measure λ_max and ρ at every evaluation (warm-started Lanczos).
+        keep_trajectory: also return the parameters at every evaluation (for later measurement).
+        checkpoint: save progress there and continue from it if it exists.
         progress: show a progress bar (a string sets its label).
     """
     if train_set.x.shape[-1] != cfg.n_in:
@@ -256,7 +325,7 @@ def train_ensemble(
     eval_sets = {k: to_device(v) for k, v in (eval_sets or {"train": train_set}).items()}
     align_batch = jax.tree.map(lambda a: a[:align_size], train_set)
     seeds = list(seeds)
-    states, structs, rule_states = init_ensemble(cfg, rule, tcfg, seeds, train_set.x.dtype)
+    states, structs, rule_states = init_ensemble(cfg, rule, tcfg, seeds, train_set.x.dtype, learning_rates)
     chunk = make_chunk(cfg, rule, tcfg)
     evaluator = make_evaluator(cfg, rule, tcfg, probe)
     if probe is not None:
@@ -264,7 +333,7 @@ def train_ensemble(
         v = jax.random.normal(jax.random.PRNGKey(len(seeds)), (len(seeds), dim), train_set.x.dtype)
     else:
         v = jnp.zeros((len(seeds), 1), train_set.x.dtype)
-    seconds = []
+    seconds, evals, losses, trajectory = [], [], [], []
 
     def record(states):
         nonlocal v
@@ -273,21 +342,32 @@ def train_ensemble(
         seconds.append(time.perf_counter() - start)
         if probe is not None:
             v = jnp.asarray(out.pop("v1"))  # warm start for the next evaluation
-        return out
+        evals.append(out)
+        if keep_trajectory:
+            trajectory.append(jax.device_get(states.params))
 
+    if checkpoint is not None and Path(checkpoint.path).is_file():
+        with np.load(checkpoint.path) as f:
+            states, v, losses, evals, seconds, trajectory = _restore(dict(f), states)
+    else:
+        record(states)
     n_chunks = tcfg.steps // tcfg.eval_every
-    evals = [record(states)]
-    losses = []
     label = progress if isinstance(progress, str) else rule.name
-    with tqdm(total=tcfg.steps, desc=label, disable=not progress, leave=False, unit="it") as bar:
-        for _ in range(n_chunks):
+    last_save = time.monotonic()
+    done = len(evals) - 1
+    with tqdm(total=tcfg.steps, initial=done * tcfg.eval_every, desc=label, disable=not progress, leave=False,
+              unit="it") as bar:
+        for i in range(done, n_chunks):
             states, chunk_losses = chunk(states, structs, rule_states, train_set)
             losses.append(np.asarray(chunk_losses))
-            evals.append(record(states))
+            record(states)
             bar.update(tcfg.eval_every)
             last = losses[-1][:, -1]
             bar.set_postfix(loss=f"{np.nanmean(last):.4f}" if np.isfinite(last).any() else "nan",
                             diverged=int((np.asarray(states.diverged_at) >= 0).sum()))
+            if checkpoint is not None and i + 1 < n_chunks and time.monotonic() - last_save >= checkpoint.every_seconds:
+                save_arrays(Path(checkpoint.path), _snapshot(states, v, losses, evals, seconds, trajectory))
+                last_save = time.monotonic()
     return TrainResult(
         params=states.params,
         structs=structs,
@@ -297,4 +377,6 @@ def train_ensemble(
         eval_steps=np.arange(n_chunks + 1) * tcfg.eval_every,
         evals={k: np.stack([e[k] for e in evals], axis=1) for k in evals[0]},
         eval_seconds=np.asarray(seconds),
+        trajectory=Params(*(None if leaves[0] is None else np.stack(leaves, axis=1) for leaves in zip(*trajectory)))
+        if keep_trajectory else None,
     )
