@@ -251,19 +251,26 @@ def step(
     W_rec r_{t-1}; learning rules use it to hold r_{t-1} at a precomputed value there, which cuts
     the recurrent path from the gradient graph (e-prop's graph).
     """
+    return _recur(cfg, params.w_rec * struct.rec_mask, s_prev, input_drive(params, x_t), xi_t, recurrent_input)
+
+
+def input_drive(params: Params, x: jax.Array) -> jax.Array:
+    """W_in x + b on any leading axes: the part of the drive u that does not depend on the state."""
+    d = x @ params.w_in.T
+    return d if params.b is None else d + params.b
+
+
+def _recur(cfg, w_eff, s_prev, drive_t, xi_t, recurrent_input):
+    """One step given the masked W_rec and the input drive (shared by :func:`step` and :func:`run`)."""
     r_prev = activity(cfg, s_prev)
-    u = recurrent_input(r_prev) @ (params.w_rec * struct.rec_mask).T + x_t @ params.w_in.T
-    if params.b is not None:
-        u = u + params.b
+    u = recurrent_input(r_prev) @ w_eff.T + drive_t
     if xi_t is not None:
         u = u + xi_t
-    a = cfg.alpha
-    if cfg.form == "voltage":
-        s = a * s_prev + (1 - a) * u
-        r = cfg.phi(s)
-    else:
-        s = a * s_prev + (1 - a) * cfg.phi(u)
-        r = s
+    new = u if cfg.form == "voltage" else cfg.phi(u)
+    # Without a leak the state is the new value: skip 0·s_prev + 1·new, which XLA cannot drop
+    # (0·inf is NaN) and which would cost two element-wise passes per step and their backward.
+    s = new if cfg.alpha == 0 else cfg.alpha * s_prev + (1 - cfg.alpha) * new
+    r = cfg.phi(s) if cfg.form == "voltage" else s
     return s, r, u
 
 
@@ -285,17 +292,30 @@ def run(
     Returns:
         (states s, activities r, drives u), each (B, T, N).
     """
+    return _scan(cfg, params, struct, x, xi, recurrent_input, lambda s, r, u: (s, r, u))
+
+
+def activities(cfg: ModelConfig, params: Params, struct: Structure, x: jax.Array,
+               xi: jax.Array | None = None) -> jax.Array:
+    """The activities r (B, T, N) of :func:`run` alone: the time loop then stores nothing else,
+    which makes the exact loss and its gradient (BPTT) cheaper."""
+    return _scan(cfg, params, struct, x, xi, lambda r: r, lambda s, r, u: r)
+
+
+def _scan(cfg, params, struct, x, xi, recurrent_input, emit):
     s_init = initial_state(cfg, params, x.shape[0])
-    xs = jnp.swapaxes(x, 0, 1)
+    # Hoisted out of the time loop: the masked W_rec, and the input drive of all steps in one
+    # matrix product (what a step does not need its predecessor for).
+    w_eff = params.w_rec * struct.rec_mask
+    drives = input_drive(params, jnp.swapaxes(x, 0, 1))
     xis = None if xi is None else jnp.swapaxes(xi, 0, 1)
 
     def body(s_prev, inp):
-        x_t, xi_t = inp
-        s, r, u = step(cfg, params, struct, s_prev, x_t, xi_t, recurrent_input)
-        return s, (s, r, u)
+        s, r, u = _recur(cfg, w_eff, s_prev, *inp, recurrent_input)
+        return s, emit(s, r, u)
 
-    _, (s, r, u) = jax.lax.scan(body, s_init, (xs, xis))
-    return tuple(jnp.swapaxes(a, 0, 1) for a in (s, r, u))
+    _, out = jax.lax.scan(body, s_init, (drives, xis))
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), out)
 
 
 def readout(params: Params, r: jax.Array) -> jax.Array:

@@ -51,8 +51,10 @@ def step_losses(cfg: ModelConfig, y: jax.Array, target: jax.Array) -> jax.Array:
     ``"mse"``: ½ Σ_k (y_k − y*_k)².
     """
     if cfg.loss == "xent":
-        logp = jax.nn.log_softmax(y, axis=-1)
-        return -jnp.take_along_axis(logp, target[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        # A one-hot product instead of a gather: its gradient is dense, where a gather's is a
+        # scatter (slow on CPU, nondeterministic on GPU).
+        picked = jnp.sum(y * jax.nn.one_hot(target, y.shape[-1], dtype=y.dtype), axis=-1)
+        return jax.nn.logsumexp(y, axis=-1) - picked
     return 0.5 * jnp.sum((y - target) ** 2, axis=-1)
 
 
@@ -86,14 +88,13 @@ def exact_loss(
 ) -> jax.Array:
     """The exact loss L(θ) (no L2) of ``batch``; ``noise`` defaults to none (clean inputs)."""
     x, xi = (batch.x, None) if noise is None else noise
-    _, r, _ = _model.run(cfg, params, struct, x, xi)
+    r = _model.activities(cfg, params, struct, x, xi)
     return loss_from_outputs(cfg, _model.readout(params, r), batch)
 
 
 def evaluate(cfg: ModelConfig, params: Params, struct: Structure, batch: Batch):
     """(loss, accuracy) of ``batch`` without noise."""
-    _, r, _ = _model.run(cfg, params, struct, batch.x)
-    y = _model.readout(params, r)
+    y = _model.readout(params, _model.activities(cfg, params, struct, batch.x))
     return loss_from_outputs(cfg, y, batch), accuracy(cfg, y, batch)
 
 

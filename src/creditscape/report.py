@@ -44,7 +44,8 @@ def _legend(fig, ax) -> None:
 
 
 def _save(fig, folder: Path, name: str) -> str:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     for ext in ("png", "svg"):
         fig.savefig(folder / f"{name}.{ext}", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -325,28 +326,34 @@ def _task_figures(final, history, slices, config, figs: Path, prefix: str) -> li
                     title="1-D loss slices")
         _legend(fig, axes[0])
         widths = []
-        for c in conditions:  # the radius at which the slice loss doubles, from each run's slice
+        for c in conditions:  # flatness: the smallest |step| where the loss rises by max(L₀, 0.1)
             for _, one in s_ok[(s_ok.condition == c) & (s_ok.kind == "1d")].groupby(["seed"]):
                 base = one.loc[one.a.abs().idxmin(), "loss"]
-                out = one[one.loss > 2 * base]
+                out = one[one.loss > base + max(base, 0.1)]
                 widths.append((c, out.a.abs().min() if len(out) else one.a.abs().max()))
         w = pd.DataFrame(widths, columns=["condition", "width"])
         _strip(axes[1], w, "width", colors, conditions)
-        axes[1].set_title("flatness: |step| where the slice loss doubles", fontsize=9)
+        axes[1].set_title("flatness: smallest |step| where the loss rises by max(L₀, 0.1)", fontsize=9)
         images.append(("Filter-normalized 1-D loss slices", _save(fig, figs, f"{prefix}slices_1d")))
 
         shown = conditions[:8]
-        fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.2), squeeze=False)
+        two = s_ok[s_ok.kind == "2d"]
+        log_loss = np.log10(np.maximum(two.loss.to_numpy(float), 1e-12))
+        levels = np.linspace(np.nanmin(log_loss), np.nanmax(log_loss), 21) if len(two) else 20
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False, layout="constrained")
         for ax, c in zip(axes[0], shown):
-            g = s_ok[(s_ok.condition == c) & (s_ok.kind == "2d")]
+            g = two[two.condition == c]
             if not len(g):
                 ax.axis("off")
                 continue
             g = g[g.seed == g.seed.min()].pivot(index="b", columns="a", values="loss")
-            ax.contourf(g.columns, g.index, np.log10(np.maximum(g.to_numpy(), 1e-12)), levels=20, cmap="viridis")
+            im = ax.contourf(g.columns, g.index, np.log10(np.maximum(g.to_numpy(), 1e-12)), levels=levels,
+                             cmap="viridis", extend="both")
             ax.plot(0, 0, "r+")
             ax.set_title(c, fontsize=8)
-        images.append(("Filter-normalized 2-D loss surfaces (log10 loss, first seed)", _save(fig, figs, f"{prefix}slices_2d")))
+        if len(two):
+            fig.colorbar(im, ax=axes[0].tolist(), label="log10 training loss", shrink=0.8)
+        images.append(("Filter-normalized 2-D loss surfaces (log10 loss, first seed, one colour scale)", _save(fig, figs, f"{prefix}slices_2d")))
 
     grid_conditions = [c for c in conditions if _grid_point(c)]
     if grid_conditions:  # remedies and other grids: each rule across the grid points
