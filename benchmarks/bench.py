@@ -105,8 +105,8 @@ def torch_eager(train, repeats: int) -> dict | None:
     except ImportError:
         return None
     torch.manual_seed(0)
-    x = torch.from_numpy(np.asarray(train.x))
-    y = torch.from_numpy(np.asarray(train.target[:, -1])).long()
+    x = torch.from_numpy(np.array(train.x))  # a writable copy
+    y = torch.from_numpy(np.array(train.target[:, -1])).long()
     w_in = (torch.randn(N, N_IN) * np.sqrt(2 / N_IN)).requires_grad_()
     w_rec = (torch.randn(N, N) * np.sqrt(2 / N)).requires_grad_()
     w_out = (torch.randn(N_OUT, N) * 0.1).requires_grad_()
