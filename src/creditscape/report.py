@@ -91,12 +91,14 @@ SUMMARY_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
 
 
 def summary_table(final: pd.DataFrame) -> pd.DataFrame:
-    """Per task and condition: mean ± sd [median] over non-diverged members, and the diverged count."""
+    """Per task and condition: mean ± sd [median] over non-diverged members of the final metrics
+    and of every perturbed test loss, and the diverged count."""
     rows = []
     for (task, cond), g in final.groupby(["task", "condition"], sort=False):
         ok = _ok(g)
         row = {"task": task, "condition": cond, "runs": len(g), "diverged": int((g.diverged_at >= 0).sum())}
-        for c in (c for c in SUMMARY_COLUMNS if c in final):
+        perturbed = [c for c in final.columns if c.startswith("perturbed[") and c.endswith("_loss")]
+        for c in [c for c in SUMMARY_COLUMNS if c in final] + perturbed:
             v = ok[c].to_numpy(float)
             v = v[np.isfinite(v)]
             row[c] = f"{v.mean():.4g} ± {v.std():.2g} [{np.median(v):.4g}]" if len(v) else "—"
