@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from creditscape import __version__
 from creditscape._files import atomic_write_bytes, load_arrays, save_arrays
@@ -289,28 +290,26 @@ def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30,
                 raise FileNotFoundError(f"{path} not found: rerun `creditscape run` on {run_dir} to finish it first.")
             run = load_arrays(path)
             struct = _stacked(run, "struct", Structure)
+            keys = jax.random.split(jax.random.PRNGKey(exp.data_seed), len(run["seeds"]))
             if along_training:
                 if "traj/w_rec" not in run:
                     raise FileNotFoundError(f"{path} holds no parameter trajectory (measure.save_trajectory = false).")
-                params = _stacked(run, "traj", Params)
-                n_members, n_steps = params.w_rec.shape[:2]
-                params = jax.tree.map(lambda a: a.reshape(n_members * n_steps, *a.shape[2:]), params)
-                struct = jax.tree.map(lambda a: jnp.repeat(a, n_steps, axis=0), struct)
-                steps_of = np.tile(run["eval_steps"], n_members)
+                trajectory = _stacked(run, "traj", Params)
+                # One compiled call per evaluation step, for all members: memory of one ensemble.
+                networks = [(int(step), jax.tree.map(lambda a, j=j: a[:, j], trajectory))
+                            for j, step in enumerate(run["eval_steps"])]
             else:
-                params, n_steps = _stacked(run, "params", Params), 1
-                steps_of = np.full(len(run["seeds"]), run["eval_steps"][-1])
-            keys = jax.random.split(jax.random.PRNGKey(exp.data_seed), len(steps_of))
-            vals, trace, err = (np.asarray(a) for a in measure(params, struct, keys))
-            for i, step in enumerate(steps_of):
-                mi = i // n_steps
-                lr = float(run["learning_rates"][mi])
-                row = {**_cell_columns(exp, cell), "condition": _condition(exp, cell, spec, lr), "rule": spec.label,
-                       "seed": int(run["seeds"][mi]), "learning_rate": lr, "step": int(step), "block": block,
-                       "trace": float(trace[i]), "trace_stderr": float(err[i]),
-                       "diverged_at": int(run["diverged_at"][mi])}
-                row.update({f"eig{j + 1}": float(v) for j, v in enumerate(vals[i])})
-                rows.append(row)
+                networks = [(int(run["eval_steps"][-1]), _stacked(run, "params", Params))]
+            for step, params in tqdm(networks, desc=spec.label, leave=False, disable=len(networks) == 1):
+                vals, trace, err = (np.asarray(a) for a in measure(params, struct, keys))
+                for mi, seed in enumerate(run["seeds"].tolist()):
+                    lr = float(run["learning_rates"][mi])
+                    row = {**_cell_columns(exp, cell), "condition": _condition(exp, cell, spec, lr), "rule": spec.label,
+                           "seed": seed, "learning_rate": lr, "step": step, "block": block,
+                           "trace": float(trace[mi]), "trace_stderr": float(err[mi]),
+                           "diverged_at": int(run["diverged_at"][mi])}
+                    row.update({f"eig{j + 1}": float(v) for j, v in enumerate(vals[mi])})
+                    rows.append(row)
     table = pd.DataFrame(rows)
     atomic_write_bytes(run_dir / "curvature.parquet", lambda f: table.to_parquet(f, index=False))
     return table
