@@ -266,12 +266,18 @@ def _task_figures(final, history, slices, config, figs: Path, prefix: str) -> li
     panels = [("train_accuracy", "training accuracy"), ("test_accuracy", "test accuracy"),
               ("gap_loss", "gap (test − train loss)"), ("lambda_max", f"λ_max ({block})"), ("trace", f"trace ({block})")]
     panels = [p for p in panels if p[0] in final]
+    first_perturbed = next((c for c in final.columns if c.startswith("perturbed[") and c.endswith("_loss")), None)
+    if first_perturbed:  # the distribution of one perturbed-test loss (all of them: the perturbed figure)
+        panels.insert(3, (first_perturbed, f"loss on {first_perturbed[10:-6]}"))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 4.2))
     for ax, (col, title) in zip(axes, panels):
         _strip(ax, ok, col, colors, conditions)
         ax.set_title(title, fontsize=9)
-        if col in ("lambda_max", "trace"):
+        if col in ("lambda_max", "trace") or col == first_perturbed:
             ax.set_yscale("symlog", linthresh=1e-2)  # rules differ by orders of magnitude
+            values = ok[col].to_numpy(float)
+            if len(values) and np.nanmin(values) >= 0:
+                ax.set_ylim(0, 2 * np.nanmax(values) + 1e-2)
     images.append(("Generalization and curvature per condition (bars: medians)", _save(fig, figs, f"{prefix}per_condition")))
 
     noise = sorted((float(m.group(1)), c) for c in final.columns if (m := _NOISE.match(c)))
