@@ -20,6 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -161,6 +164,35 @@ def creditscape_chunk(rule, form, train, seeds=1, n_rec=N):
     return lambda: chunk(jax.tree.map(jnp.copy, states), structs, rs, train)
 
 
+def targets(r: dict) -> dict[str, tuple[str, bool | None]]:
+    """Each target of issue 6 with the measured value and whether it is met (None: not measurable
+    on this device)."""
+    gpu = not r["device"].lower().startswith("cpu")
+    mem = r["eprop_temp_memory_mib"]
+    # "Flat": what online memory gains from T = 28 to 448 is no more than twice what the input
+    # array itself gains (B × T × n_in floats); offline memory grows with T × N.
+    growth = mem[448]["online"] - mem[28]["online"]
+    input_growth = B * (448 - 28) * N_IN * 4 / 2**20
+    out = {
+        "bptt step <= 1.2x the minimal JAX loop": (f"{r['bptt_over_minimal']:.2f}x", r["bptt_over_minimal"] <= 1.2),
+        "online e-prop/MDGL/random e-prop <= 3x offline": (
+            ", ".join(f"{k} {r[f'{k}_online_over_offline']:.2f}" for k in ("eprop", "eprop_random", "mdgl")),
+            all(r[f"{k}_online_over_offline"] <= 3 for k in ("eprop", "eprop_random", "mdgl"))),
+        "online memory flat in T but for the input (T = 28 -> 448)": (
+            f"online +{growth:.1f} MiB (the input array: +{input_growth:.1f} MiB), offline "
+            f"+{mem[448]['offline'] - mem[28]['offline']:.1f} MiB", growth <= 2 * input_growth),
+        f"HVP <= {2 if gpu else 2.5} gradients": (f"{r['hvp_over_gradient']:.2f}",
+                                                  r["hvp_over_gradient"] <= (2 if gpu else 2.5)),
+    }
+    steps128 = r["seed_steps_per_second"].get(128)
+    out[">= 25k seed-steps/s at 128 seeds (GPU)"] = (f"{steps128:.0f}" if steps128 else "not measured",
+                                                     steps128 >= 25000 if gpu and steps128 else None)
+    if "quick_preset_seconds" in r:
+        out["`quick` preset < 5 min (2 CPU cores)"] = (f"{r['quick_preset_seconds']:.0f} s",
+                                                     r["quick_preset_seconds"] < 300 if not gpu else None)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repeats and seeds (smoke test)")
@@ -253,6 +285,19 @@ def main():
         memory[steps] = row
         print(f"  T={steps:4d}: e-prop temporary memory offline {row['offline']:8.1f} MiB, online {row['online']:6.1f} MiB")
     results["eprop_temp_memory_mib"] = memory
+
+    if not args.quick:  # the default experiment end to end, as `make run` runs it (install aside)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "creditscape.cli", "run", "--out", tmp, "--quiet"], check=True,
+                           stdout=subprocess.DEVNULL)
+            results["quick_preset_seconds"] = time.perf_counter() - start
+        print(f"`quick` preset end to end: {results['quick_preset_seconds']:.0f} s")
+
+    results["targets"] = targets(results)
+    print("\nTargets (issue 6):")
+    for name, (value, met) in results["targets"].items():
+        print(f"  {'met    ' if met else 'NOT MET' if met is not None else 'n/a    '} {name}: {value}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
