@@ -64,7 +64,7 @@ def _assert_same_results(a: Path, b: Path):
 def test_kill_resume_and_determinism(tmp_path):
     cfg = tmp_path / "slow.toml"
     cfg.write_text(SLOW)
-    killed, clean, again = tmp_path / "killed", tmp_path / "clean", tmp_path / "again"
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
     command = [sys.executable, "-m", "creditscape.cli", "run", "--config", str(cfg), "--out", str(killed),
                "--quiet", "--checkpoint-seconds", "0"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -86,9 +86,9 @@ def test_kill_resume_and_determinism(tmp_path):
     assert main(["run", "--config", str(cfg), "--out", str(killed), "--quiet"]) == 0
     assert not ckpt.exists()
     assert main(["run", "--config", str(cfg), "--out", str(clean), "--quiet"]) == 0
-    _assert_same_results(killed, clean)  # resumed == uninterrupted, nothing lost or duplicated
-    assert main(["run", "--config", str(cfg), "--out", str(again), "--quiet"]) == 0
-    _assert_same_results(clean, again)  # the same command twice: bit-identical
+    # Resumed == uninterrupted, bit for bit: nothing lost or duplicated, and (the two ran in
+    # different processes) the same command gives the same results.
+    _assert_same_results(killed, clean)
     env = json.loads((clean / "environment.json").read_text())
     assert {"jax", "devices", "platform", "xla_flags"} <= set(env)
 
