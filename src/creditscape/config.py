@@ -196,7 +196,8 @@ def _rule_spec(entry, default_form: str | None, where: str) -> RuleSpec:
         form = rule.check_form(entry.get("form", default_form))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    label = rule.name + "".join(f" {k}={v}" for k, v in {**options, **train}.items())
+    # The label names what changes the rule's result (not the evaluation cadence).
+    label = rule.name + "".join(f" {k}={v}" for k, v in {**options, **train}.items() if k != "eval_every")
     if "form" in entry:
         label += f" ({form})"
     return RuleSpec(rule, form, label, tuple(train.items()))
