@@ -93,11 +93,13 @@ def test_kill_resume_and_determinism(tmp_path):
     assert {"jax", "devices", "platform", "xla_flags"} <= set(env)
 
 
-def test_forced_divergence_is_recorded_and_reported(tmp_path, capsys):
+def test_forced_divergence_is_recorded_and_reported(tmp_path, monkeypatch):
     cfg = tmp_path / "div.toml"
     cfg.write_text(SLOW.replace("steps = 2000", "steps = 40").replace("[measure]", '[grid]\n"train.learning_rate" = [0.05, 1e20]\n[measure]'))
     out = tmp_path / "out"
-    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    monkeypatch.setenv("XLA_FLAGS", "")  # restored after the test; --deterministic appends to it
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet", "--deterministic"]) == 0
+    assert "--xla_gpu_deterministic_ops=true" in json.loads((out / "environment.json").read_text())["xla_flags"]
     final = pd.read_parquet(out / "final.parquet")
     assert len(final) == 8 and set(final.learning_rate) == {0.05, 1e20}
     blown = final[(final.rule == "bptt") & (final.learning_rate == 1e20)]
