@@ -119,3 +119,17 @@ def test_curvature_probe_along_training(cue):
         np.testing.assert_allclose(res.evals["lambda_max"][i, -1], exact.values[0], rtol=1e-3)
     res_e = train_ensemble(cfg, get_rule("eprop"), tcfg, [0, 1], s.train, probe=probe, progress=False)
     assert np.all(np.isfinite(res_e.evals["rho"])) and not np.allclose(res_e.evals["rho"][:, -1], 1.0)
+
+
+def test_trajectory_holds_the_parameters_of_every_evaluation(cue):
+    # The state buffers are donated to the next chunk: the saved copies must not alias them.
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 8, task.n_out)
+    full = train_ensemble(cfg, get_rule("bptt"), TrainConfig(steps=30, eval_every=10), [0, 1], s.train,
+                          keep_trajectory=True, progress=False)
+    assert full.trajectory.w_rec.shape == (2, 4, 8, 8)
+    for j, steps in enumerate([10, 20]):
+        part = train_ensemble(cfg, get_rule("bptt"), TrainConfig(steps=steps, eval_every=10), [0, 1], s.train,
+                              progress=False)
+        np.testing.assert_array_equal(full.trajectory.w_rec[:, j + 1], part.params.w_rec)
+    np.testing.assert_array_equal(full.trajectory.w_rec[:, -1], full.params.w_rec)
