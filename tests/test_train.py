@@ -133,3 +133,16 @@ def test_trajectory_holds_the_parameters_of_every_evaluation(cue):
                               progress=False)
         np.testing.assert_array_equal(full.trajectory.w_rec[:, j + 1], part.params.w_rec)
     np.testing.assert_array_equal(full.trajectory.w_rec[:, -1], full.params.w_rec)
+
+
+def test_evaluation_in_chunks_equals_one_pass():
+    from creditscape.objective import Batch, evaluate
+
+    task = get_task("perceptual_decision")
+    s = make_splits(task, 1000, 8, seed=0)
+    cfg = M.ModelConfig(task.n_in, 16, task.n_out)
+    params, struct = M.init(cfg, jax.random.PRNGKey(0), jnp.float64)
+    batch = Batch(*(jnp.asarray(a) for a in s.train))
+    whole = evaluate(cfg, params, struct, batch)
+    for chunk in (300, 500, 999):  # padded and unpadded
+        np.testing.assert_allclose(evaluate(cfg, params, struct, batch, chunk=chunk), whole, rtol=1e-6)

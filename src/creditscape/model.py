@@ -295,11 +295,12 @@ def run(
     return _scan(cfg, params, struct, x, xi, recurrent_input, lambda s, r, u: (s, r, u))
 
 
-def activities(cfg: ModelConfig, params: Params, struct: Structure, x: jax.Array,
-               xi: jax.Array | None = None) -> jax.Array:
-    """The activities r (B, T, N) of :func:`run` alone: the time loop then stores nothing else,
-    which makes the exact loss and its gradient (BPTT) cheaper."""
-    return _scan(cfg, params, struct, x, xi, lambda r: r, lambda s, r, u: r)
+def outputs(cfg: ModelConfig, params: Params, struct: Structure, x: jax.Array,
+            xi: jax.Array | None = None) -> jax.Array:
+    """The readouts y_t = W_out r_t + b_out of every step, (B, T, n_out). Taken inside the time
+    loop, so that the loop stores n_out numbers per step instead of (s, r, u): the exact loss, its
+    gradient (BPTT) and evaluations of large sets need that much less memory."""
+    return _scan(cfg, params, struct, x, xi, lambda r: r, lambda s, r, u: readout(params, r))
 
 
 def _scan(cfg, params, struct, x, xi, recurrent_input, emit):

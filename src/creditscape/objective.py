@@ -88,14 +88,34 @@ def exact_loss(
 ) -> jax.Array:
     """The exact loss L(θ) (no L2) of ``batch``; ``noise`` defaults to none (clean inputs)."""
     x, xi = (batch.x, None) if noise is None else noise
-    r = _model.activities(cfg, params, struct, x, xi)
-    return loss_from_outputs(cfg, _model.readout(params, r), batch)
+    return loss_from_outputs(cfg, _model.outputs(cfg, params, struct, x, xi), batch)
 
 
-def evaluate(cfg: ModelConfig, params: Params, struct: Structure, batch: Batch):
-    """(loss, accuracy) of ``batch`` without noise."""
-    y = _model.readout(params, _model.activities(cfg, params, struct, batch.x))
-    return loss_from_outputs(cfg, y, batch), accuracy(cfg, y, batch)
+EVAL_CHUNK = 4096
+
+
+def evaluate(cfg: ModelConfig, params: Params, struct: Structure, batch: Batch, chunk: int = EVAL_CHUNK):
+    """(loss, accuracy) of ``batch`` without noise.
+
+    Sets larger than ``chunk`` sequences go through the network ``chunk`` at a time (``lax.map``),
+    so memory stays that of one chunk (the 55,000 training images of sequential MNIST, say).
+    Padding sequences have an all-zero mask and weigh nothing.
+    """
+    n = batch.x.shape[0]
+
+    def totals(b: Batch):  # Σ over the chunk's sequences, i.e. its mean times its size
+        y = _model.outputs(cfg, params, struct, b.x)
+        size = b.x.shape[0]
+        return size * loss_from_outputs(cfg, y, b), size * accuracy(cfg, y, b)
+
+    if n <= chunk:
+        loss, acc = totals(batch)
+        return loss / n, acc / n
+    pad = -n % chunk
+    padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]), batch)
+    chunks = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), padded)
+    loss, acc = jax.lax.map(totals, chunks)
+    return loss.sum() / n, acc.sum() / n
 
 
 def draw_noise(cfg: ModelConfig, batch: Batch, key: jax.Array) -> Noise:
