@@ -254,9 +254,12 @@ def _task_figures(final, history, slices, config, figs: Path, prefix: str) -> li
                 rho, lr = g.rho.median(), g.learning_rate.median()
                 if len(g) and rho > 0:
                     axes[0].axhline(edge / (lr * rho), color=colors[c], ls=":", lw=1)
-        axes[0].set_yscale("symlog", linthresh=1e-2)
-        if (h_lam := history.lambda_max.to_numpy(float))[np.isfinite(h_lam)].min(initial=0) >= 0:
-            axes[0].set_ylim(bottom=0)
+        lam = history.lambda_max.to_numpy(float)
+        lam = lam[np.isfinite(lam)]
+        if len(lam) and lam.min() > 0:
+            axes[0].set_yscale("log")
+        else:  # signed: λ_max can be negative away from a minimum
+            axes[0].set_yscale("symlog", linthresh=1e-2)
         axes[0].set(xlabel="iteration", ylabel=f"λ_max of {block} (median)",
                     title="Sharpness along training" + (f" (dashed {edge_name}, dotted ÷ρ per rule)" if sgd else ""))
         axes[1].set(xlabel="iteration", ylabel="ρ = v₁ᵀĴv₁ / λ₁ (median)", title="Rule gain along the top eigenvector")
