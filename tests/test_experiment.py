@@ -83,8 +83,9 @@ def test_kill_resume_and_determinism(tmp_path):
         done_at_kill = f["seconds"].shape[0] - 1
     assert 0 < done_at_kill < 100  # really mid-run
 
+    (killed / "runs" / "c00-r01-bptt.ckpt.npz.tmp").write_bytes(b"half a file")  # as if killed mid-write
     assert main(["run", "--config", str(cfg), "--out", str(killed), "--quiet"]) == 0
-    assert not ckpt.exists()
+    assert not ckpt.exists() and not list(killed.rglob("*.tmp"))
     assert main(["run", "--config", str(cfg), "--out", str(clean), "--quiet"]) == 0
     # Resumed == uninterrupted, bit for bit: nothing lost or duplicated, and (the two ran in
     # different processes) the same command gives the same results.

@@ -209,6 +209,8 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, c
     """
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.tmp"), *(out / "runs").glob("*.tmp")]:
+        stale.unlink()  # half-written temporaries of an interrupted write (the real files are intact)
     config_path = out / "config.json"
     resolved = resolved_dict(exp)
     if config_path.exists():
