@@ -163,13 +163,18 @@ def _condition(exp: Experiment, cell: Cell, spec: RuleSpec, lr: float) -> str:
     return spec.label + (CONDITION_SEPARATOR + ", ".join(parts) if parts else "")
 
 
+def _member_columns(exp: Experiment, cell: Cell, spec: RuleSpec, seed: int, lr: float) -> dict:
+    """The columns that name one trained network in every table."""
+    return {**_cell_columns(exp, cell), "condition": _condition(exp, cell, spec, lr), "rule": spec.label,
+            "seed": seed, "learning_rate": lr}
+
+
 def _tables(exp: Experiment, runs: dict[tuple[int, int], dict]):
     final_rows, history_rows = [], []
     for (ci, ri), r in runs.items():
         cell, spec = exp.cells[ci], exp.rules[ri]
         for mi, (seed, lr) in enumerate(zip(r["seeds"].tolist(), r["learning_rates"].tolist())):
-            key = {**_cell_columns(exp, cell), "condition": _condition(exp, cell, spec, lr), "rule": spec.label,
-                   "rule_name": spec.rule.name, "form": spec.form, "seed": seed, "learning_rate": lr}
+            key = {**_member_columns(exp, cell, spec, seed, lr), "rule_name": spec.rule.name, "form": spec.form}
             row = {**key, "diverged_at": int(r["diverged_at"][mi]),
                    "train_seconds": float(r["train_seconds"]) / len(r["seeds"])}
             row.update({k[5:]: float(r[k][mi, -1]) for k in r if k.startswith("eval/")})
@@ -306,8 +311,7 @@ def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30,
                 vals, trace, err = (np.asarray(a) for a in measure(params, struct, keys))
                 for mi, seed in enumerate(run["seeds"].tolist()):
                     lr = float(run["learning_rates"][mi])
-                    row = {**_cell_columns(exp, cell), "condition": _condition(exp, cell, spec, lr), "rule": spec.label,
-                           "seed": seed, "learning_rate": lr, "step": step, "block": block,
+                    row = {**_member_columns(exp, cell, spec, seed, lr), "step": step, "block": block,
                            "trace": float(trace[mi]), "trace_stderr": float(err[mi]),
                            "diverged_at": int(run["diverged_at"][mi])}
                     row.update({f"eig{j + 1}": float(v) for j, v in enumerate(vals[mi])})

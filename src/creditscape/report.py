@@ -31,6 +31,11 @@ REFERENCE_RULE = "bptt"
 _NOISE = re.compile(r"^perturbed\[noise=([0-9.eE+-]+)\]_loss$")
 
 
+def _perturbed_losses(df: pd.DataFrame) -> list[str]:
+    """The perturbed-test loss columns, e.g. ``perturbed[noise=0.2]_loss``."""
+    return [c for c in df.columns if c.startswith("perturbed[") and c.endswith("_loss")]
+
+
 def _colors(conditions):
     cmap = plt.get_cmap("tab10" if len(conditions) <= 10 else "tab20")
     return {c: cmap(i % cmap.N) for i, c in enumerate(conditions)}
@@ -97,7 +102,7 @@ def summary_table(final: pd.DataFrame) -> pd.DataFrame:
     for (task, cond), g in final.groupby(["task", "condition"], sort=False):
         ok = _ok(g)
         row = {"task": task, "condition": cond, "runs": len(g), "diverged": int((g.diverged_at >= 0).sum())}
-        perturbed = [c for c in final.columns if c.startswith("perturbed[") and c.endswith("_loss")]
+        perturbed = _perturbed_losses(final)
         for c in [c for c in SUMMARY_COLUMNS if c in final] + perturbed:
             v = ok[c].to_numpy(float)
             v = v[np.isfinite(v)]
@@ -201,7 +206,7 @@ def _findings(final: pd.DataFrame, matched: pd.DataFrame, corr: dict, corr_trace
                 f"(p = {c['spearman_p']:.3g}, 95% bootstrap CI [{lo:.3f}, {hi:.3f}]) and Pearson r = "
                 f"{c['pearson']:.3f} (p = {c['pearson_p']:.3g}): {verdict} at the 5% level."
             )
-    for col in [c for c in ok.columns if c.startswith("perturbed[") and c.endswith("_loss")]:
+    for col in _perturbed_losses(ok):
         per = ok.groupby("condition", sort=False)[col].median()
         out.append(f"Perturbed test set {col[10:-6]}: lowest median loss {per.min():.4g} ({per.idxmin()}), "
                    f"highest {per.max():.4g} ({per.idxmax()}).")
@@ -269,7 +274,7 @@ def _task_figures(final, history, slices, config, figs: Path, prefix: str) -> li
     panels = [("train_accuracy", "training accuracy"), ("test_accuracy", "test accuracy"),
               ("gap_loss", "gap (test − train loss)"), ("lambda_max", f"λ_max ({block})"), ("trace", f"trace ({block})")]
     panels = [p for p in panels if p[0] in final]
-    first_perturbed = next((c for c in final.columns if c.startswith("perturbed[") and c.endswith("_loss")), None)
+    first_perturbed = next(iter(_perturbed_losses(final)), None)
     if first_perturbed:  # the distribution of one perturbed-test loss (all of them: the perturbed figure)
         panels.insert(3, (first_perturbed, f"loss on {first_perturbed[10:-6]}"))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 4.2))
@@ -284,7 +289,7 @@ def _task_figures(final, history, slices, config, figs: Path, prefix: str) -> li
     images.append(("Generalization and curvature per condition (bars: medians)", _save(fig, figs, f"{prefix}per_condition")))
 
     noise = sorted((float(m.group(1)), c) for c in final.columns if (m := _NOISE.match(c)))
-    shifts = [c for c in final.columns if c.startswith("perturbed[") and c.endswith("_loss") and not _NOISE.match(c)]
+    shifts = [c for c in _perturbed_losses(final) if not _NOISE.match(c)]
     if noise or shifts:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         for c in conditions:
