@@ -25,7 +25,7 @@ run: install
 	$(BIN)/creditscape run --out $(OUT)
 
 test: install-test
-	$(BIN)/python -m pytest -q -m "not heavy"
+	$(BIN)/python -m pytest -q -m "not heavy" -n auto
 
 clean:
 	rm -rf $(VENV) results
