@@ -212,6 +212,47 @@ def test_alignment_is_one_for_exact_rules_and_less_for_eprop():
     assert al.cosine_recurrent < al.cosine  # the exact readout pulls the overall cosine up
 
 
+@pytest.mark.parametrize("cfg", [
+    M.ModelConfig(3, 5, 2, alpha=0.3, activation="tanh", learn_init_state=True),
+    M.ModelConfig(3, 5, 2, form="rate", alpha=0.4, activation="softplus", loss="mse"),
+], ids=["voltage", "rate-mse"])
+def test_readout_at_the_last_steps_scores_only_those(cfg):
+    """A network read out at its last K steps: every rule, in every form, computes what the full
+    readout computes on the mask cut to those steps; the exact loss and evaluation too."""
+    from creditscape.objective import evaluate, exact_loss
+
+    k = 2
+    windowed = dataclasses.replace(cfg, readout_steps=k)
+    params, struct, batch, nz = draw(cfg, seed=41, mask="random", noise=True)
+    cut = batch._replace(mask=batch.mask.at[:, :-k].set(0))  # the random mask scores earlier steps too
+    y = M.outputs(windowed, params, struct, batch.x)
+    assert y.shape == (batch.x.shape[0], k, cfg.n_out)
+    np.testing.assert_allclose(y, M.outputs(cfg, params, struct, batch.x)[:, -k:], rtol=1e-13)
+    np.testing.assert_allclose(exact_loss(windowed, params, struct, batch, nz), exact_loss(cfg, params, struct, cut, nz),
+                               rtol=1e-13)
+    np.testing.assert_allclose(evaluate(windowed, params, struct, batch), evaluate(cfg, params, struct, cut), rtol=1e-13)
+    for name in rule_names():
+        rule = get_rule(name)
+        for form in rule.forms:
+            l_win, g_win = _grad(rule, windowed, params, struct, batch, nz, form)
+            l_cut, g_cut = _grad(rule, cfg, params, struct, cut, nz, form)
+            np.testing.assert_allclose(l_win, l_cut, rtol=1e-12, err_msg=f"{name} {form}")
+            assert_close(g_win, g_cut, 1e-10)
+
+
+def test_scored_steps_without_a_readout_are_refused():
+    from creditscape.objective import check_scored_steps
+
+    cfg = M.ModelConfig(3, 5, 2, readout_steps=1)
+    _, _, batch, _ = draw(cfg, seed=1, mask="last")
+    check_scored_steps(cfg, batch)
+    _, _, batch, _ = draw(cfg, seed=1, mask="every")
+    with pytest.raises(ValueError, match=r"train_set: step 0 of 6 is scored .* readout_steps=None"):
+        check_scored_steps(cfg, batch, "train_set")
+    with pytest.raises(ValueError, match="readout_steps"):
+        M.ModelConfig(3, 5, 2, readout_steps=0)
+
+
 def test_forms_are_checked_and_options_validated():
     with pytest.raises(ValueError, match="has no 'online' form"):
         get_rule("bptt").check_form("online")

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from conftest import MNIST_DIR
 
+from creditscape.model import ModelConfig
+from creditscape.objective import check_scored_steps
 from creditscape.tasks import (
     MnistFormatError, MnistNotFoundError, get_task, load_mnist, make_splits, task_names,
 )
@@ -38,6 +40,20 @@ def test_generators_deterministic_disjoint_and_masked(name):
     assert a.train.x.dtype == np.float32
 
 
+@pytest.mark.parametrize("task", [get_task(n) for n in GENERATED] + [
+    get_task("perceptual_decision", score_fixation=True), get_task("evidence_accumulation", score_last_only=True)],
+    ids=lambda t: t.name)
+def test_declared_readout_steps_hold_for_every_split_and_shift(task):
+    """A task that declares K readout steps scores nothing before them, in any set an experiment
+    draws (shifts included), and scores its first readout step (K is not larger than needed)."""
+    cfg = ModelConfig(task.n_in, 4, task.n_out, loss=task.loss, readout_steps=task.readout_steps)
+    s = make_splits(task, 24, 16, seed=5)
+    for name, batch in {"train": s.train, "test": s.test, **s.perturbed}.items():
+        check_scored_steps(cfg, batch, name)
+    if task.readout_steps is not None:
+        assert s.train.mask[:, -task.readout_steps].any()
+
+
 def test_cognitive_task_conventions():
     t = get_task("perceptual_decision")
     s = make_splits(t, 50, 10, 0)
@@ -63,6 +79,9 @@ def test_mnist_real_files():
     assert noisy.min() >= 0 and noisy.max() <= 1 and not np.array_equal(noisy, s.test.x)
     pixel = make_splits(get_task("smnist", mnist_dir=str(MNIST), pixel=True), 4, 4, 0)
     assert pixel.train.x.shape == (4, 784, 1) and pixel.train.mask[:, -1].all()
+    cfg = ModelConfig(task.n_in, 4, task.n_out, readout_steps=task.readout_steps)
+    for name, batch in {"train": s.train, "pixel": pixel.train, **s.perturbed}.items():
+        check_scored_steps(cfg, batch, name)  # one readout, at the last step
 
 
 def _copy_layout(dst: Path, dotted=False, gunzip=False):

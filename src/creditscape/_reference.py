@@ -61,7 +61,7 @@ def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None =
     {"exact", "tbptt", "eprop", "mdgl"} by explicit path sums. ``feedback`` (n_out × N) replaces
     W_out in the learning signal; ``w_bar`` is MDGL's modulatory matrix; ``k`` the tbptt window."""
     feedback = params.w_out if feedback is None else feedback
-    weights = np.asarray(loss_weights(batch.mask))
+    weights = np.asarray(loss_weights(cfg, batch.mask))
     total, unravel = None, None
     for b in range(batch.x.shape[0]):
         xb = None if xi is None else xi[b]

@@ -13,7 +13,7 @@ A config has top-level keys ``name``, ``seeds`` (a list, or a count n meaning 0.
     n_test = 512
     noise_levels = [0.2, 0.4]
 
-    [model]                  # ModelConfig fields except n_in, n_out, loss (taken from the task)
+    [model]                  # ModelConfig fields except n_in, n_out, loss, readout_steps (the task's)
     n_rec = 32
     [train]                  # TrainConfig fields
     steps = 600
@@ -250,7 +250,7 @@ def _cell(index: int, values: dict, raw: dict, mnist_dir: str | None, learning_r
     if not isinstance(noise_levels, list) or not all(_type_ok(v, float) and v >= 0 for v in noise_levels):
         raise ConfigError(f"[task].noise_levels: expected a list of non-negative numbers, got {noise_levels!r}.")
     model = _build(ModelConfig, sections["model"], f"[model]{where}", n_in=task.n_in, n_out=task.n_out,
-                   loss=task.loss)
+                   loss=task.loss, readout_steps=task.readout_steps)
     train = _build(TrainConfig, sections["train"], f"[train]{where}")
     lrs = tuple(float(lr) for lr in learning_rates) if learning_rates else (train.learning_rate,)
     for lr in lrs:

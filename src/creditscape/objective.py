@@ -5,7 +5,8 @@ The loss of a batch of B sequences with per-step mask m (DESIGN.md §2):
     L(θ) = (1/B) Σ_b Σ_t m_{b,t} ℓ(y_{b,t}, y*_{b,t}) / Σ_t m_{b,t}  =  Σ_{b,t} w_{b,t} ℓ_{b,t}
 
 with per-step weights w = m / (B Σ_t m). Writing it as a weighted sum of per-step terms is what
-lets online rules accumulate the gradient step by step.
+lets online rules accumulate the gradient step by step. A network with a readout at its last K
+steps only (``ModelConfig.readout_steps``) scores those: m is taken as zero before them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from creditscape import model as _model
 from creditscape.model import ModelConfig, Params, Structure
@@ -38,8 +40,11 @@ class Noise(NamedTuple):
     xi: jax.Array | None  # (B, T, N) recurrent noise, None when rec_noise = 0
 
 
-def loss_weights(mask: jax.Array) -> jax.Array:
-    """w = m / (B Σ_t m), shape (B, T). A sequence with an all-zero mask gets weight 0."""
+def loss_weights(cfg: ModelConfig, mask: jax.Array) -> jax.Array:
+    """w = m / (B Σ_t m), shape (B, T), with m zero before the readout steps (the last
+    ``cfg.readout_steps``). A sequence with an all-zero mask gets weight 0."""
+    if cfg.readout_steps is not None and cfg.readout_steps < mask.shape[1]:
+        mask = mask.at[:, : mask.shape[1] - cfg.readout_steps].set(0)
     per_seq = jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
     return mask / (per_seq * mask.shape[0])
 
@@ -58,17 +63,41 @@ def step_losses(cfg: ModelConfig, y: jax.Array, target: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum((y - target) ** 2, axis=-1)
 
 
+def check_scored_steps(cfg: ModelConfig, batch: Batch, name: str = "batch") -> None:
+    """Refuse (on the host, before any compilation) a data set that scores a step where the
+    network has no readout: those steps would silently not count."""
+    k = cfg.readout_steps
+    if k is None or k >= batch.mask.shape[1]:
+        return
+    early = np.asarray(batch.mask)[:, :-k].any(axis=0)
+    if early.any():
+        raise ValueError(
+            f"{name}: step {int(np.flatnonzero(early)[0])} of {batch.mask.shape[1]} is scored (mask > 0), but the "
+            f"network reads out at its last {k} steps only (ModelConfig.readout_steps={k}). Use "
+            f"readout_steps=None (a readout at every step) or a mask that is zero before the last {k} steps."
+        )
+
+
+def _last_steps(cfg: ModelConfig, y: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Weights and targets of the last K steps of the batch, K = y.shape[1]: readouts y cover all
+    T steps, or only the last ones (:func:`creditscape.model.outputs`)."""
+    k = y.shape[1]
+    return loss_weights(cfg, batch.mask)[:, -k:], batch.target[:, -k:]
+
+
 def loss_from_outputs(cfg: ModelConfig, y: jax.Array, batch: Batch) -> jax.Array:
-    """Σ_{b,t} w_{b,t} ℓ_{b,t}: the batch loss from readouts y (B, T, n_out)."""
-    return jnp.sum(loss_weights(batch.mask) * step_losses(cfg, y, batch.target))
+    """Σ_{b,t} w_{b,t} ℓ_{b,t}: the batch loss from readouts y (B, T, n_out), or (B, K, n_out) of
+    the last K steps."""
+    w, target = _last_steps(cfg, y, batch)
+    return jnp.sum(w * step_losses(cfg, y, target))
 
 
 def accuracy(cfg: ModelConfig, y: jax.Array, batch: Batch) -> jax.Array:
     """Mean over sequences of the fraction of scored steps classified right (NaN for ``"mse"``)."""
     if cfg.loss != "xent":
         return jnp.array(jnp.nan, y.dtype)
-    correct = (jnp.argmax(y, axis=-1) == batch.target).astype(y.dtype)
-    return jnp.sum(loss_weights(batch.mask) * correct)
+    w, target = _last_steps(cfg, y, batch)
+    return jnp.sum(w * (jnp.argmax(y, axis=-1) == target).astype(y.dtype))
 
 
 def l2_penalty(params: Params) -> jax.Array:

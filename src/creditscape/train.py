@@ -30,7 +30,7 @@ from creditscape import model as _model
 from creditscape._files import save_arrays
 from creditscape.curvature import _select, block_loss, hvp, lanczos
 from creditscape.model import ModelConfig, Params, Structure
-from creditscape.objective import Batch, draw_noise, evaluate, l2_gradient, l2_penalty
+from creditscape.objective import Batch, check_scored_steps, draw_noise, evaluate, l2_gradient, l2_penalty
 from creditscape.rules import Rule, gradient_alignment
 from creditscape.theory import estimate_on_block, jacobian_vector_product
 
@@ -321,6 +321,9 @@ def train_ensemble(
     """
     if train_set.x.shape[-1] != cfg.n_in:
         raise ValueError(f"Training inputs have {train_set.x.shape[-1]} channels; the model has n_in={cfg.n_in}.")
+    for name, batch in {"train_set": train_set, **(eval_sets or {}),
+                        **({"probe batch": probe.batch} if probe else {})}.items():
+        check_scored_steps(cfg, batch, name)
     train_set = to_device(train_set)
     eval_sets = {k: to_device(v) for k, v in (eval_sets or {"train": train_set}).items()}
     align_batch = jax.tree.map(lambda a: a[:align_size], train_set)

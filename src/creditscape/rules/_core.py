@@ -109,7 +109,7 @@ def trace_rule_online(
     """
     n, bsz = cfg.n_rec, batch.x.shape[0]
     dtype = params.w_rec.dtype
-    weights = jnp.swapaxes(loss_weights(batch.mask), 0, 1)  # (T, B)
+    weights = jnp.swapaxes(loss_weights(cfg, batch.mask), 0, 1)  # (T, B)
     targets = jnp.swapaxes(batch.target, 0, 1)
     n_pre = n + cfg.n_in + 1  # presynaptic vector p_t = [r_{t-1}, x_t, 1]
     if cfg.form == "voltage":
@@ -232,7 +232,7 @@ def forward_sensitivity(
         return jax.jvp(lambda th, sp: step_from(th, sp, x_t, xi_t), (theta0, s_prev), (d_theta, d_s))[1]
 
     basis = jnp.eye(n_par, dtype=dtype)
-    weights = jnp.swapaxes(loss_weights(batch.mask), 0, 1)
+    weights = jnp.swapaxes(loss_weights(cfg, batch.mask), 0, 1)
     targets = jnp.swapaxes(batch.target, 0, 1)
 
     def body(carry, inp):

@@ -44,6 +44,13 @@ class Task(abc.ABC):
         """Draw ``n`` trials. ``split`` is "train" or "test" (file-backed tasks pick disjoint
         examples by it; generators ignore it and rely on disjoint seeds)."""
 
+    @property
+    def readout_steps(self) -> int | None:
+        """K if every trial, of this task and of its shifts, is scored within its last K steps
+        only (the network then needs a readout there only, see ``ModelConfig.readout_steps``);
+        None if any step may be scored."""
+        return None
+
     def shifts(self) -> dict[str, "Task"]:
         """Task-specific distribution shifts for perturbed test sets (name → shifted task)."""
         return {}

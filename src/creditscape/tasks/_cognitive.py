@@ -84,6 +84,10 @@ class PerceptualDecision(Task):
     def n_out(self):
         return 1 + self.dim_ring
 
+    @property
+    def readout_steps(self):
+        return None if self.score_fixation else _steps(self.decision, self.dt)
+
     def generate(self, n, rng, *, split):
         fix, stim, delay, dec = (_steps(p, self.dt) for p in (self.fixation, self.stimulus, self.delay, self.decision))
         n_steps = fix + stim + delay + dec
@@ -137,6 +141,10 @@ class DelayedMatchToSample(Task):
     @property
     def n_out(self):
         return 3
+
+    @property
+    def readout_steps(self):
+        return None if self.score_fixation else _steps(self.decision, self.dt)
 
     def generate(self, n, rng, *, split):
         fix, smp, delay, tst, dec = (

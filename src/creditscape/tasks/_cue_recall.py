@@ -42,6 +42,10 @@ class CueRecall(Task):
     def n_out(self):
         return self.n_cues
 
+    @property
+    def readout_steps(self):
+        return 1
+
     def generate(self, n, rng, *, split):
         n_steps = self.cue_steps + self.delay + 1
         x, target, mask = empty_trials(n, n_steps, self.n_in)

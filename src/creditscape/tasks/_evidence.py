@@ -54,6 +54,10 @@ class EvidenceAccumulation(Task):
     def n_out(self):
         return 2
 
+    @property
+    def readout_steps(self):
+        return 1 if self.score_last_only else int(round(self.recall / self.dt))
+
     def generate(self, n, rng, *, split):
         st = lambda ms: int(round(ms / self.dt))
         cue, sil, delay, rec = st(self.cue), st(self.silence), st(self.delay), st(self.recall)

@@ -45,6 +45,10 @@ class PatternGeneration(Task):
     def n_out(self):
         return 1
 
+    @property
+    def readout_steps(self):
+        return self.n_steps - self.cue_steps
+
     def _trials(self, phase):
         n = phase.shape[0]
         t = np.arange(1, self.n_steps + 1)[None, :]
