@@ -112,30 +112,33 @@ def minimal_jax_chunk(train, lr=0.01, every_step=False):
 
 def torch_eager(train, repeats: int) -> dict | None:
     """A plain PyTorch BPTT loop: the same model and data, a Python loop over time, SGD; and a
-    Hessian-vector product by double backward. None if torch is not installed."""
+    Hessian-vector product by double backward. On the GPU when JAX runs on one (and torch sees
+    CUDA), else on the CPU. None if torch is not installed."""
     try:
         import torch
     except ImportError:
         return None
+    dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    x = torch.from_numpy(np.array(train.x))  # a writable copy
-    y = torch.from_numpy(np.array(train.target[:, -1])).long()
-    w_in = (torch.randn(N, N_IN) * np.sqrt(2 / N_IN)).requires_grad_()
-    w_rec = (torch.randn(N, N) * np.sqrt(2 / N)).requires_grad_()
-    w_out = (torch.randn(N_OUT, N) * 0.1).requires_grad_()
-    b_out = torch.zeros(N_OUT, requires_grad=True)
+    x = torch.from_numpy(np.array(train.x)).to(dev)  # a writable copy
+    y = torch.from_numpy(np.array(train.target[:, -1])).long().to(dev)
+    w_in = (torch.randn(N, N_IN, device=dev) * np.sqrt(2 / N_IN)).requires_grad_()
+    w_rec = (torch.randn(N, N, device=dev) * np.sqrt(2 / N)).requires_grad_()
+    w_out = (torch.randn(N_OUT, N, device=dev) * 0.1).requires_grad_()
+    b_out = torch.zeros(N_OUT, device=dev, requires_grad=True)
     params = [w_in, w_rec, w_out, b_out]
     opt = torch.optim.SGD(params, lr=0.01)
 
     def loss_of(xb, yb):
-        h = torch.zeros(xb.shape[0], N)
+        h = torch.zeros(xb.shape[0], N, device=dev)
         for t in range(xb.shape[1]):
             h = torch.relu(h @ w_rec.T + xb[:, t] @ w_in.T)
         return torch.nn.functional.cross_entropy(h @ w_out.T + b_out, yb)
 
     def chunk():
         for _ in range(CHUNK):
-            idx = torch.randint(0, x.shape[0], (B,))
+            idx = torch.randint(0, x.shape[0], (B,), device=dev)
             loss = loss_of(x[idx], y[idx])
             opt.zero_grad()
             loss.backward()
@@ -143,10 +146,12 @@ def torch_eager(train, repeats: int) -> dict | None:
 
     def median_time(fn, n):
         fn()
+        sync()
         times = []
         for _ in range(n):
             start = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
@@ -162,7 +167,7 @@ def torch_eager(train, repeats: int) -> dict | None:
 
     return {"step": median_time(chunk, repeats) / CHUNK, "grad": median_time(grad_only, repeats),
             "hvp": median_time(hvp_double_backward, repeats), "version": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"}
 
 
 def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1):
@@ -237,7 +242,7 @@ def main():
         results["torch"] = eager
         results["torch_eager_ms_per_step"] = 1e3 * eager["step"]
         results["torch_eager_over_creditscape_bptt"] = eager["step"] / bptt
-        print(f"PyTorch {eager['version']} eager BPTT {1e3 * eager['step']:.2f} ms/step "
+        print(f"PyTorch {eager['version']} eager BPTT on {eager['device']} {1e3 * eager['step']:.2f} ms/step "
               f"= {eager['step'] / bptt:.2f} x creditscape bptt")
 
     rules = {}

@@ -29,14 +29,17 @@ def main() -> int:
     parser.add_argument("--mnist-dir", help="MNIST files for the paper-smnist timing")
     parser.add_argument("--out", default="gpu-results.json")
     parser.add_argument("--skip-preset", action="store_true", help="only the benchmark suite")
+    parser.add_argument("--skip-bench", action="store_true", help="only the paper-smnist timing")
     args = parser.parse_args()
     if not args.skip_preset and not args.mnist_dir:
         parser.error("--mnist-dir is needed for the paper-smnist timing (or pass --skip-preset)")
 
     with tempfile.TemporaryDirectory() as tmp:
-        bench_json = Path(tmp) / "bench.json"
-        subprocess.run([sys.executable, str(HERE / "bench.py"), "--json", str(bench_json)], check=True)
-        results = {"bench": json.loads(bench_json.read_text())}
+        results = {}
+        if not args.skip_bench:
+            bench_json = Path(tmp) / "bench.json"
+            subprocess.run([sys.executable, str(HERE / "bench.py"), "--json", str(bench_json)], check=True)
+            results["bench"] = json.loads(bench_json.read_text())
         if not args.skip_preset:
             out = Path(tmp) / "paper-smnist"
             start = time.perf_counter()
