@@ -37,6 +37,7 @@ from creditscape.train import CurvatureProbe, TrainConfig, init_ensemble, make_c
 
 N, T, B, N_IN, N_OUT = 128, 28, 256, 28, 10
 CHUNK = 20
+SMALL_N = 8  # for RTRL and online truncated BPTT, whose memory and cost grow as N⁴
 
 
 def timed(fn, *args, repeats=5):
@@ -251,8 +252,19 @@ def main():
         opts = {"k": 5} if name == "tbptt" else {}
         t = timed(creditscape_chunk(get_rule(name, **opts), form, train), repeats=repeats) / CHUNK
         rules[f"{name} ({form})"] = t / bptt
-        print(f"  {name:13s} {form:8s} {1e3 * t:7.2f} ms/step  = {t / bptt:5.2f} x bptt")
+        vs_torch = f", {t / eager['step']:5.2f} x PyTorch eager" if eager else ""
+        print(f"  {name:13s} {form:8s} {1e3 * t:7.2f} ms/step  = {t / bptt:5.2f} x bptt, {t / ceiling:5.2f} x minimal JAX"
+              f"{vs_torch}")
     results["rule_over_bptt"] = rules
+    # The forward-sensitivity rules carry B × N × P numbers (P ≈ N²): timed on a small network,
+    # relative to bptt on the same network.
+    small_bptt = timed(creditscape_chunk(get_rule("bptt"), None, train, n_rec=SMALL_N), repeats=repeats) / CHUNK
+    small = {}
+    for name, opts, form in [("rtrl", {}, "online"), ("tbptt", {"k": 5}, "online")]:
+        t = timed(creditscape_chunk(get_rule(name, **opts), form, train, n_rec=SMALL_N), repeats=1) / CHUNK
+        small[f"{name} ({form})"] = t / small_bptt
+        print(f"  {name:13s} {form:8s} {1e3 * t:7.2f} ms/step  = {t / small_bptt:5.2f} x bptt at N = {SMALL_N}")
+    results[f"rule_over_bptt_n{SMALL_N}"] = small
     for name in ("eprop", "eprop_random", "mdgl"):
         results[f"{name}_online_over_offline"] = rules[f"{name} (online)"] / rules[f"{name} (offline)"]
         print(f"  {name} online / offline = {results[f'{name}_online_over_offline']:.2f} (target <= 3)")
