@@ -14,7 +14,8 @@ Two discretizations share one parameter set θ = {W_in (N×n_in), W_rec (N×N), 
       r_t = α r_{t-1} + (1-α) φ(u_t),                      state s_t = r_t
 
 Both reduce to r_t = φ(W_rec r_{t-1} + W_in x_t + b) when α = 0. The readout is
-y_t = W_out r_t + b_out (at every step, or at the last ``readout_steps`` steps only). ξ_t is optional recurrent noise (σ_rec · standard normal); input noise is
+y_t = W_out r_t + b_out (at every step, or at the last ``readout_steps`` steps only). ξ_t is
+optional recurrent noise (σ_rec · standard normal); input noise is
 added to x_t before the step. The initial state s_0 is zero, or the learned vector ``s0``.
 
 **Axis order.** Every public array is batch-major: inputs ``(B, T, n_in)``, activities
@@ -312,11 +313,17 @@ def outputs(cfg: ModelConfig, params: Params, struct: Structure, x: jax.Array,
     less memory; steps without a readout cost no readout at all (with one readout at the end of
     28 steps, a quarter of a BPTT step's time on CPU).
     """
-    return _scan(cfg, params, struct, x, xi, lambda r: r, lambda s, r, u: readout(params, r), cfg.readout_steps)
+    silent = steps_without_readout(cfg, x.shape[1])
+    return _scan(cfg, params, struct, x, xi, lambda r: r, lambda s, r, u: readout(params, r), silent)
 
 
-def _scan(cfg, params, struct, x, xi, recurrent_input, emit, emit_last=None):
-    """The time loop; ``emit(s_t, r_t, u_t)`` of the last ``emit_last`` steps (all if None),
+def steps_without_readout(cfg: ModelConfig, n_steps: int) -> int:
+    """How many of ``n_steps`` steps come before the first readout (0 with a readout everywhere)."""
+    return 0 if cfg.readout_steps is None else max(n_steps - cfg.readout_steps, 0)
+
+
+def _scan(cfg, params, struct, x, xi, recurrent_input, emit, silent=0):
+    """The time loop; ``emit(s_t, r_t, u_t)`` of every step after the first ``silent`` ones,
     stacked batch-major."""
     s_init = initial_state(cfg, params, x.shape[0])
     # The masked W_rec is hoisted out of the time loop. The input drive W_in x_t is not: one
@@ -332,7 +339,6 @@ def _scan(cfg, params, struct, x, xi, recurrent_input, emit, emit_last=None):
         return (s, r), emit(s, r, u)
 
     carry = (s_init, activity(cfg, s_init))
-    silent = 0 if emit_last is None else max(xs.shape[0] - emit_last, 0)
     if silent:  # the steps before the emitted ones, in a loop that stores nothing
         carry, _ = jax.lax.scan(lambda c, inp: (body(c, inp)[0], None), carry,
                                 jax.tree.map(lambda a: a[:silent], (xs, xis)))

@@ -43,8 +43,9 @@ class Noise(NamedTuple):
 def loss_weights(cfg: ModelConfig, mask: jax.Array) -> jax.Array:
     """w = m / (B Σ_t m), shape (B, T), with m zero before the readout steps (the last
     ``cfg.readout_steps``). A sequence with an all-zero mask gets weight 0."""
-    if cfg.readout_steps is not None and cfg.readout_steps < mask.shape[1]:
-        mask = mask.at[:, : mask.shape[1] - cfg.readout_steps].set(0)
+    silent = _model.steps_without_readout(cfg, mask.shape[1])
+    if silent:
+        mask = mask.at[:, :silent].set(0)
     per_seq = jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
     return mask / (per_seq * mask.shape[0])
 
@@ -67,9 +68,7 @@ def check_scored_steps(cfg: ModelConfig, batch: Batch, name: str = "batch") -> N
     """Refuse (on the host, before any compilation) a data set that scores a step where the
     network has no readout: those steps would silently not count."""
     k = cfg.readout_steps
-    if k is None or k >= batch.mask.shape[1]:
-        return
-    early = np.asarray(batch.mask)[:, :-k].any(axis=0)
+    early = np.asarray(batch.mask)[:, : _model.steps_without_readout(cfg, batch.mask.shape[1])].any(axis=0)
     if early.any():
         raise ValueError(
             f"{name}: step {int(np.flatnonzero(early)[0])} of {batch.mask.shape[1]} is scored (mask > 0), but the "

@@ -33,8 +33,7 @@ def phi_prime(cfg: ModelConfig, z: jax.Array) -> jax.Array:
 def output_error(cfg: ModelConfig, params: Params, r: jax.Array, batch: Batch):
     """Loss, e = ∂L/∂y (B, T, n_out) and the exact readout gradients from activities r (B, T, N).
     Steps without a readout (before the last ``cfg.readout_steps``) have e = 0 and cost nothing."""
-    n_steps = r.shape[1]
-    silent = 0 if cfg.readout_steps is None else max(n_steps - cfg.readout_steps, 0)
+    silent = _model.steps_without_readout(cfg, r.shape[1])
     r_read = r[:, silent:]
     loss, e = jax.value_and_grad(lambda y_: loss_from_outputs(cfg, y_, batch))(_model.readout(params, r_read))
     g_w_out = jnp.einsum("btk,btn->kn", e, r_read)
