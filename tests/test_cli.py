@@ -86,6 +86,7 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
         (("steps = 20", "steps = 25"), "multiple of train.eval_every"),
         (("n_rec = 8", "n_rec = 8\nalpha = 1.5"), "alpha"),
         (("n_rec = 8", ""), "missing required key\\(s\\) \\['n_rec'\\]"),
+        (("n_rec = 8", "n_rec = 8\nreadout_steps = 2"), "readout_steps comes from the task \\(here 1\\)"),
     ],
 )
 def test_config_errors(tmp_path, edit, message):

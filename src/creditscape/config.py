@@ -163,6 +163,9 @@ def _type_ok(value, annotation) -> bool:
 def _build(cls, values: dict, where: str, **fixed):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)  # resolves the modules' postponed (string) annotations
+    for key in set(values) & set(fixed):
+        raise ConfigError(f"{where}.{key} comes from the task (here {fixed[key]!r}) and cannot be set in a config: "
+                          "remove it.")
     _unknown(values, set(fields) - set(fixed), where)
     for key, value in values.items():
         if not _type_ok(value, hints[key]):
