@@ -7,7 +7,9 @@ Meant for a CUDA machine (it runs anywhere JAX runs and records which device it 
    sequential-MNIST shape, in seed-steps per second);
 2. the `paper-smnist` preset end to end — 2 rules × 5 seeds, full length (10,000 / 16,000
    iterations), λ_max of W_rec at 40 points, final measurements and report — timed by wall clock
-   (target: under 5 minutes on one GPU).
+   (target: under 5 minutes on one GPU);
+3. with ``--tests``, the float64 equivalence tests of the rules and estimators on that device
+   (needs pytest there).
 The JSON holds the device, the versions and every figure.
 """
 
@@ -30,6 +32,8 @@ def main() -> int:
     parser.add_argument("--out", default="gpu-results.json")
     parser.add_argument("--skip-preset", action="store_true", help="only the benchmark suite")
     parser.add_argument("--skip-bench", action="store_true", help="only the paper-smnist timing")
+    parser.add_argument("--tests", action="store_true",
+                        help="also run the rule and estimator tests (float64) on this device")
     args = parser.parse_args()
     if not args.skip_preset and not args.mnist_dir:
         parser.error("--mnist-dir is needed for the paper-smnist timing (or pass --skip-preset)")
@@ -49,6 +53,12 @@ def main() -> int:
             results["paper_smnist_environment"] = json.loads((out / "environment.json").read_text())
             results["paper_smnist_report"] = (out / "report.md").read_text()
             print(f"paper-smnist end to end: {results['paper_smnist_seconds']:.0f} s (target < 300 s on one GPU)")
+        if args.tests:  # correctness on this device: every rule's equivalences, every estimator
+            tests = [str(HERE.parent / "tests" / name) for name in ("test_rules.py", "test_curvature.py")]
+            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                                  capture_output=True, text=True)
+            results["tests"] = {"returncode": done.returncode, "summary": done.stdout.strip().splitlines()[-1:]}
+            print(f"tests on this device: {results['tests']['summary']}")
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"Written: {args.out}")
     return 0
