@@ -82,15 +82,18 @@ def minimal_jax_chunk(train, lr=0.01, every_step=False):
     masked loss of all of them (what a network without ``readout_steps`` computes)."""
 
     def loss(p, x, y):
+        readout = lambda h: h @ p["w_out"].T + p["b_out"]
+
         def step(h, x_t):
             h = jax.nn.relu(h @ p["w_rec"].T + x_t @ p["w_in"].T)
-            return h, (h @ p["w_out"].T + p["b_out"]) if every_step else None
+            return h, readout(h) if every_step else None
 
         h, ys = jax.lax.scan(step, jnp.zeros((x.shape[0], N)), jnp.swapaxes(x, 0, 1))
-        logits = jnp.swapaxes(ys, 0, 1) if every_step else (h @ p["w_out"].T + p["b_out"])[:, None]
-        y = y if every_step else y[:, -1:]
+        if every_step:  # under the data's mask, the same for every sequence: the last step
+            logits, y, w = jnp.swapaxes(ys, 0, 1), y, train.mask[:1]
+        else:
+            logits, y, w = readout(h)[:, None], y[:, -1:], 1.0
         xent = jax.nn.logsumexp(logits, -1) - jnp.sum(logits * jax.nn.one_hot(y, N_OUT), -1)
-        w = train.mask[:1, :] if every_step else 1.0  # the mask of the data: the last step, in every sequence
         return jnp.sum(w * xent) / x.shape[0]
 
     @jax.jit
