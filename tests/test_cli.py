@@ -87,6 +87,7 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
         (("n_rec = 8", "n_rec = 8\nalpha = 1.5"), "alpha"),
         (("n_rec = 8", ""), "missing required key\\(s\\) \\['n_rec'\\]"),
         (("n_rec = 8", "n_rec = 8\nreadout_steps = 2"), "readout_steps comes from the task \\(here 1\\)"),
+        (("\"bptt\",", "\"mdgl\","), "rules\\[0\\] \\(mdgl\\): mdgl: this network has a single cell type"),
     ],
 )
 def test_config_errors(tmp_path, edit, message):
@@ -115,6 +116,8 @@ def test_unknown_preset_and_mnist_dir_misuse(tmp_path):
 def test_quick_preset_resolves():
     exp = load()
     assert exp.name == "quick" and len(exp.rules) >= 5 and exp.cells[0].task.name == "cue_recall"
+    keys = [s.rule.computation(exp.cells[0].model) for s in exp.rules]
+    assert len(set(keys)) == len(keys) and exp.cells[0].model.dale_exc_fraction == 0.8
 
 
 @pytest.mark.parametrize("name", ["paper-neuro", "remedies", "paper-smnist", "paper-smnist-rules", "paper-smnist-leaky"])
@@ -132,6 +135,10 @@ def test_every_preset_resolves(name, isolated_home, tmp_path):
         assert [s.train_config(train).steps for s in exp.rules] == [10000, 16000]
         assert [s.train_config(train).steps // s.train_config(train).eval_every for s in exp.rules] == [40, 40]
         assert exp.cells[0].noise_levels == (0.2,) and exp.measure.curvature_block == "w_rec"
+    for spec in exp.rules:  # MDGL has cell types to average over; no computation runs twice
+        spec.rule.check_model(exp.cells[0].model)
+    keys = [s.rule.computation(exp.cells[0].model) for s in exp.rules]
+    assert len(set(keys)) == len(keys)
     if name == "paper-neuro":
         assert {c.task.name for c in exp.cells} == {"perceptual_decision", "delayed_match_sample", "context_decision"}
     if name == "remedies":

@@ -10,10 +10,12 @@ import pytest
 from cases import MASKS, assert_close, draw, flat, model_cases
 from creditscape import _reference as ref
 from creditscape import model as M
+from creditscape.tasks import make_splits
 from creditscape.rules import (
     Rule, get_rule, gradient_alignment, modulatory_weights, register, rule_class, rule_gradient, rule_names,
 )
 from creditscape.rules import _base
+from creditscape.rules._mdgl import MODULATORY
 from creditscape.rules._core import phi_prime, recurrent_part, trace_rule_offline, trace_rule_online
 
 CASES = model_cases()
@@ -31,9 +33,10 @@ def _case(i):
 
 
 def _two_form_rules():
-    """Every registered rule with both forms (default options), plus non-default options."""
-    rules = [get_rule(n) for n in rule_names() if set(rule_class(n).forms) >= {"offline", "online"}]
-    return rules + [get_rule("tbptt", k=2), get_rule("mdgl", modulatory="exact")]
+    """Every registered rule with both forms (default options), plus non-default options. MDGL runs
+    with each W̄, allowed on the single-type cases too (its equalities hold whatever W̄ is)."""
+    rules = [get_rule(n) for n in rule_names() if set(rule_class(n).forms) >= {"offline", "online"} and n != "mdgl"]
+    return rules + [get_rule("tbptt", k=2)] + [get_rule("mdgl", modulatory=m, allow_single_type=True) for m in MODULATORY]
 
 
 def _grad(rule, cfg, params, struct, batch, noise, form=None, seed=0):
@@ -108,16 +111,67 @@ def test_random_feedback_matches_definition(i):
         np.testing.assert_allclose(g.w_out, g_exact.w_out, rtol=1e-12)  # readout stays exact
 
 
-@pytest.mark.parametrize("modulatory", ["cell_type", "exact"])
+@pytest.mark.parametrize("modulatory", MODULATORY)
 @pytest.mark.parametrize("i", SUBSET, ids=SUBSET_IDS)
 def test_mdgl_matches_one_hop_definition(i, modulatory):
+    """Both forms == the path sum with W̄ written out entry by entry (independent of the rule's W̄)."""
     cfg, mask, noise = _case(i)
     params, struct, batch, nz = draw(cfg, seed=700 + i, mask=mask, noise=noise)
-    w_bar = modulatory_weights(cfg, params, struct, modulatory)
+    w_bar = ref.modulatory_weights(params.w_rec, struct.rec_mask, struct.cell_type, modulatory)
     expected = ref.reference_gradient(cfg, params, struct, batch, "mdgl", w_bar=w_bar, xi=nz.xi)
     for form in ("offline", "online"):
-        got = _grad(get_rule("mdgl", modulatory=modulatory), cfg, params, struct, batch, nz, form)[1]
+        got = _grad(get_rule("mdgl", modulatory=modulatory, allow_single_type=True), cfg, params, struct, batch, nz, form)[1]
         assert_close(recurrent_part(got), expected)
+
+
+@pytest.mark.parametrize("modulatory", ["cell_type", "cell_type_all_pairs"])
+@pytest.mark.parametrize("types", [{"dale_exc_fraction": 0.5}, {"cell_types": 3}])
+def test_cell_type_modulatory_weights_match_their_definition(modulatory, types):
+    """On a sparse network (absent connections are where the two averages differ)."""
+    cfg = M.ModelConfig(3, 7, 2, connectivity=0.6, **types)
+    params, struct = M.init(cfg, jax.random.PRNGKey(3), jnp.float64)
+    got = np.asarray(modulatory_weights(cfg, params, struct, modulatory))
+    np.testing.assert_allclose(got, ref.modulatory_weights(params.w_rec, struct.rec_mask, struct.cell_type, modulatory),
+                               rtol=1e-12, atol=1e-15)
+    absent = np.asarray(struct.rec_mask) == 0
+    assert np.all(got[absent] == 0) if modulatory == "cell_type" else np.any(got[absent] != 0)
+
+
+def test_mdgl_differs_from_eprop_on_the_quick_model():
+    """With the quick preset's E/I types, MDGL's hop changes the recurrent estimate by > 10 %."""
+    from creditscape.config import load
+
+    exp = load(preset="quick")
+    cfg, cell = exp.cells[0].model, exp.cells[0]
+    splits = make_splits(cell.task, 128, 8, seed=0)
+    batch = jax.tree.map(jnp.asarray, splits.train)
+    for seed in range(4):
+        params, struct = M.init(cfg, jax.random.PRNGKey(seed), jnp.float64)
+        _, g_e = _grad(get_rule("eprop"), cfg, params, struct, batch, None)
+        _, g_m = _grad(get_rule("mdgl"), cfg, params, struct, batch, None)
+        diff = np.linalg.norm(flat(recurrent_part(g_m)) - flat(recurrent_part(g_e)))
+        assert diff > 0.1 * np.linalg.norm(flat(recurrent_part(g_e))), seed
+
+
+def test_mdgl_on_a_single_cell_type_is_refused_unless_asked_for():
+    cfg = M.ModelConfig(3, 5, 2)
+    params, struct, batch, nz = draw(cfg, seed=1)
+    with pytest.raises(ValueError, match="single cell type.*dale_exc_fraction"):
+        _grad(get_rule("mdgl"), cfg, params, struct, batch, nz)
+    _grad(get_rule("mdgl", modulatory="exact"), cfg, params, struct, batch, nz)
+    _grad(get_rule("mdgl", allow_single_type=True), cfg, params, struct, batch, nz)
+
+
+def test_one_computation_one_key():
+    """The registry knows which rules compute the same estimate (a comparison counts them once)."""
+    leaky, no_leak = M.ModelConfig(3, 5, 2, alpha=0.5), M.ModelConfig(3, 5, 2, alpha=0.0)
+    for cfg in (leaky, no_leak, M.ModelConfig(3, 5, 2, form="rate", alpha=0.5)):
+        key = lambda name, **o: get_rule(name, **o).computation(cfg)
+        assert key("rflo") == key("eprop_random") and key("rtrl") == key("bptt")
+        assert len({key("bptt"), key("eprop_random"), key("tbptt", k=2), key("tbptt", k=3),
+                    key("mdgl"), key("mdgl", modulatory="exact"), key("mdgl", allow_single_type=True)}) == 6
+    assert get_rule("eprop").computation(no_leak) == get_rule("tbptt", k=1).computation(no_leak)
+    assert get_rule("eprop").computation(leaky) != get_rule("tbptt", k=1).computation(leaky)
 
 
 @pytest.mark.parametrize("i", range(0, len(CASES), 3), ids=CASE_IDS[::3])
@@ -128,18 +182,6 @@ def test_mdgl_with_zero_modulatory_weights_is_eprop(i):
     _, g_eprop = _grad(get_rule("eprop"), cfg, params, struct, batch, nz)
     for impl in (trace_rule_offline, trace_rule_online):
         assert_close(impl(cfg, params, struct, batch, nz, params.w_out, zero)[1], g_eprop)
-
-
-def test_cell_type_modulatory_weights_are_block_means():
-    cfg = M.ModelConfig(3, 6, 2, dale_exc_fraction=0.5, connectivity=0.8)
-    params, struct = M.init(cfg, jax.random.PRNGKey(3), jnp.float64)
-    w_bar = np.asarray(modulatory_weights(cfg, params, struct, "cell_type"))
-    w = np.asarray(params.w_rec * struct.rec_mask)
-    types = np.asarray(struct.cell_type)
-    for a in range(2):
-        for b in range(2):
-            block = w[np.ix_(types == a, types == b)]
-            np.testing.assert_allclose(w_bar[np.ix_(types == a, types == b)], block.mean(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
@@ -232,7 +274,7 @@ def test_readout_at_the_last_steps_scores_only_those(cfg):
                                rtol=1e-13)
     np.testing.assert_allclose(evaluate(windowed, params, struct, batch), evaluate(cfg, params, struct, cut), rtol=1e-13)
     for name in rule_names():
-        rule = get_rule(name)
+        rule = get_rule(name, **({"allow_single_type": True} if name == "mdgl" else {}))
         for form in rule.forms:
             l_win, g_win = _grad(rule, windowed, params, struct, batch, nz, form)
             l_cut, g_cut = _grad(rule, cfg, params, struct, cut, nz, form)

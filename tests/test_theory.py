@@ -39,7 +39,7 @@ def test_arnoldi_matches_dense_eigenvalues_of_eprop_jacobian():
 @pytest.mark.parametrize("name", ["eprop", "mdgl", "tbptt"])
 def test_update_jacobian_matches_finite_differences_of_the_estimate(name):
     """Ĵv by forward mode equals central differences of ĝ (computed with the offline form)."""
-    cfg = M.ModelConfig(3, 5, 2, form="rate", alpha=0.4, activation="tanh")
+    cfg = M.ModelConfig(3, 5, 2, form="rate", alpha=0.4, activation="tanh", cell_types=2)
     params, struct, batch, _ = draw(cfg, seed=4, mask="every")
     rule = get_rule(name)
     g_off, x0 = estimate_on_block(rule, cfg, params, struct, (), batch, "recurrent", form="offline")

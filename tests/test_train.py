@@ -84,7 +84,7 @@ def test_divergence_is_per_seed_and_chunk_compiles_once(cue):
 
 def test_same_seed_same_result(cue):
     task, s = cue
-    cfg = M.ModelConfig(task.n_in, 8, task.n_out, input_noise=0.1, rec_noise=0.05)
+    cfg = M.ModelConfig(task.n_in, 8, task.n_out, input_noise=0.1, rec_noise=0.05, dale_exc_fraction=0.75)
     tcfg = TrainConfig(steps=20, eval_every=10)
     a = train_ensemble(cfg, get_rule("mdgl"), tcfg, [3, 4], s.train, progress=False)
     b = train_ensemble(cfg, get_rule("mdgl"), tcfg, [3, 4], s.train, progress=False)

@@ -98,6 +98,28 @@ def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None =
     return unravel(jnp.asarray(total))
 
 
+def modulatory_weights(w_rec, mask, cell_type, kind: str) -> np.ndarray:
+    """MDGL's W̄ entry by entry (DESIGN.md §3): ``"cell_type"`` averages each type pair over its
+    existing connections and keeps W̄ on existing connections; ``"cell_type_all_pairs"`` averages
+    over all pairs (absent ones as zeros) and fills every pair; ``"exact"`` is W_rec ⊙ mask."""
+    w, mask, types = (np.asarray(a) for a in (w_rec, mask, cell_type))
+    w = w * mask
+    if kind == "exact":
+        return w
+    n = w.shape[0]
+    out = np.zeros_like(w)
+    for i in range(n):
+        for j in range(n):
+            pairs = [(k, l) for k in range(n) for l in range(n) if types[k] == types[i] and types[l] == types[j]]
+            if kind == "cell_type":
+                if mask[i, j]:
+                    existing = [w[k, l] for k, l in pairs if mask[k, l]]
+                    out[i, j] = sum(existing) / len(existing)
+            else:
+                out[i, j] = sum(w[k, l] for k, l in pairs) / len(pairs)
+    return out
+
+
 def _u(cfg, params, struct, s_prev, x_t, xi_t):
     return np.asarray(_model.step(cfg, params, struct, jnp.asarray(s_prev)[None], jnp.asarray(x_t)[None],
                                   None if xi_t is None else jnp.asarray(xi_t)[None])[2][0])

@@ -308,6 +308,11 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
             raise ConfigError(f"rules[{i}]: a learning rate is set both for the rule and in [grid]; keep one.")
         for cell in cells:  # every rule's own settings must make a valid [train] in every cell
             _build(TrainConfig, {**_jsonable(cell.train), **dict(spec.train)}, f"rules[{i}].train")
+            try:
+                spec.rule.check_model(cell.model)
+            except ValueError as err:
+                where = "".join(f" {k}={v}" for k, v in cell.values)
+                raise ConfigError(f"rules[{i}] ({spec.label}){' at grid point' + where if where else ''}: {err}") from None
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"rules: the same rule appears twice ({labels}); give each a different option or form.")

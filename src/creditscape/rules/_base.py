@@ -57,6 +57,19 @@ class Rule(abc.ABC):
     ) -> tuple[jax.Array, Params]:
         """Return (exact loss of the batch, gradient estimate ĝ with the structure of ``params``)."""
 
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Refuse, with a ``ValueError`` that says what to change, a network on which this rule
+        would not compute what its name promises (checked before any work)."""
+        del cfg
+
+    def computation(self, cfg: ModelConfig) -> tuple:
+        """What this rule computes on networks like ``cfg``, as a hashable key. Two rules with
+        equal keys give the same ĝ (up to rounding) and train the same networks from the same
+        seed, so a comparison counts them once. The form never enters the key (online ==
+        offline); subclasses map themselves onto the rule they equal."""
+        del cfg
+        return (self.name, *dataclasses.astuple(self))
+
     def check_form(self, form: str | None) -> str:
         """Resolve ``None`` to the default form; refuse a form this rule does not have."""
         if form is None:

@@ -39,6 +39,10 @@ class EProp(Rule):
     formula = "g_ij = Σ_t [W_outᵀ e_t]_i · e_ij(t), eligibility e from the leak path only"
     forms = ("offline", "online")
 
+    def computation(self, cfg):
+        # Without a leak the eligibility is the immediate term alone: one-step truncated BPTT.
+        return ("tbptt", 1) if cfg.alpha == 0 else super().computation(cfg)
+
     def gradient(self, cfg, params, struct, state, batch, noise, *, form):
         return _trace_rule(self.check_form(form), cfg, params, struct, batch, noise, params.w_out)
 
@@ -87,3 +91,6 @@ class RFLO(RandomEProp):
 
     name = "rflo"
     formula = "same as eprop_random (Murray 2019); exactly RFLO on form='rate'"
+
+    def computation(self, cfg):
+        return RandomEProp().computation(cfg)

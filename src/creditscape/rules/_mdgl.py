@@ -11,23 +11,30 @@ from creditscape.model import ModelConfig, Params, Structure, cell_type_count
 from creditscape.rules._base import Rule, register
 from creditscape.rules._eprop import _trace_rule
 
-MODULATORY = ("cell_type", "exact")
+MODULATORY = ("cell_type", "cell_type_all_pairs", "exact")
 
 
 def modulatory_weights(cfg: ModelConfig, params: Params, struct: Structure, kind: str) -> jax.Array:
-    """W̄: the cell-type block average of W_rec ⊙ mask (``"cell_type"``), or W_rec ⊙ mask (``"exact"``).
+    """W̄, MDGL's modulatory weights, from W = W_rec ⊙ mask and the cell types c(i).
 
-    The block average includes absent connections as zeros (it is the mean effective weight from
-    type b onto type a) and spreads over all pairs of those types: the modulatory signal is
-    diffuse, not synapse-specific.
+    * ``"cell_type"`` (the MDGL authors' released code, default mode): the mean of W over the
+      connections that exist from type c(j) onto type c(i), placed on the connections that exist:
+      W̄_ij = m_ij · mean{W_kl : m_kl = 1, c(k) = c(i), c(l) = c(j)}.
+    * ``"cell_type_all_pairs"``: the mean over all pairs of those types, absent connections counted
+      as zeros, placed on every pair (a diffuse signal that also reaches unconnected pairs).
+    * ``"exact"``: W̄ = W (MDGL without the cell-type approximation).
     """
-    w = params.w_rec * struct.rec_mask
+    mask = struct.rec_mask
+    w = params.w_rec * mask
     if kind == "exact":
         return w
     onehot = jax.nn.one_hot(struct.cell_type, cell_type_count(cfg), dtype=w.dtype)  # (N, C)
     sums = onehot.T @ w @ onehot
-    counts = jnp.outer(onehot.sum(0), onehot.sum(0))
-    return onehot @ (sums / jnp.maximum(counts, 1.0)) @ onehot.T
+    if kind == "cell_type_all_pairs":
+        counts = jnp.outer(onehot.sum(0), onehot.sum(0))
+        return onehot @ (sums / jnp.maximum(counts, 1.0)) @ onehot.T
+    counts = onehot.T @ mask @ onehot
+    return mask * (onehot @ (sums / jnp.maximum(counts, 1.0)) @ onehot.T)
 
 
 @register
@@ -44,8 +51,12 @@ class MDGL(Rule):
     step's update one step late, when L_{t+1} is known.
 
     Args:
-        modulatory: ``"cell_type"`` (W̄ = cell-type block average of W_rec, the default) or
-            ``"exact"`` (W̄ = W_rec).
+        modulatory: how W̄ is made from W_rec (:func:`modulatory_weights`): ``"cell_type"`` (the
+            published rule: cell-type means over existing connections, sent along existing
+            connections), ``"cell_type_all_pairs"`` or ``"exact"`` (W̄ = W_rec).
+        allow_single_type: run a cell-type W̄ on a network with a single cell type. W̄ is then
+            one number (the mean weight, ≈ 0 at initialization) and MDGL is e-prop to within a
+            few per cent, so it is refused unless this is set.
 
     References: Liu, Ghosh, Richards, Shea-Brown & Lajoie, "Cell-type-specific neuromodulation
     guides synaptic credit assignment in a spiking neural network", PNAS 2021.
@@ -53,14 +64,30 @@ class MDGL(Rule):
     """
 
     name = "mdgl"
-    formula = "g_ij = Σ_t [L_t + (1-α) W̄ᵀ(φ'_{t+1}⊙L_{t+1})]_i · e_ij(t), W̄ = cell-type mean of W_rec"
+    formula = ("g_ij = Σ_t [L_t + (1-α) W̄ᵀ(φ'_{t+1}⊙L_{t+1})]_i · e_ij(t), "
+               "W̄ = cell-type mean of W_rec over existing connections")
     forms = ("offline", "online")
     modulatory: str = "cell_type"
+    allow_single_type: bool = False
 
     def __post_init__(self):
         if self.modulatory not in MODULATORY:
             raise ValueError(f"mdgl: modulatory must be one of {MODULATORY}, got {self.modulatory!r}.")
 
+    def check_model(self, cfg: ModelConfig) -> None:
+        if self.modulatory != "exact" and cell_type_count(cfg) == 1 and not self.allow_single_type:
+            raise ValueError(
+                "mdgl: this network has a single cell type, so the cell-type modulatory weights W̄ are one "
+                "number (the mean recurrent weight, about 0) and MDGL is e-prop to within a few per cent. "
+                "Give the network cell types: Dale's law (model.dale_exc_fraction = 0.8 gives E and I types) "
+                "or model.cell_types > 1; or use modulatory = \"exact\"; or set allow_single_type = true "
+                "on the rule to run it anyway."
+            )
+
+    def computation(self, cfg):
+        return (self.name, self.modulatory)
+
     def gradient(self, cfg, params, struct, state, batch, noise, *, form):
+        self.check_model(cfg)
         w_bar = modulatory_weights(cfg, params, struct, self.modulatory)
         return _trace_rule(self.check_form(form), cfg, params, struct, batch, noise, params.w_out, w_bar)

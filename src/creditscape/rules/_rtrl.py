@@ -27,6 +27,9 @@ class RTRL(Rule):
     formula = "M_t = J_t M_{t-1} + ∂s_t/∂θ;  g = Σ_t dℓ_t/ds_t · M_t  (exact, O(N^4); small N)"
     forms = ("online",)
 
+    def computation(self, cfg):
+        return ("bptt",)  # the exact gradient, forward in time
+
     def gradient(self, cfg, params, struct, state, batch, noise, *, form):
         self.check_form(form)
         return forward_sensitivity(cfg, params, struct, batch, noise, window=None)
