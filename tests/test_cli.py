@@ -46,7 +46,8 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     assert len(final) == 4 and set(final.rule) == {"bptt", "eprop (online)"}
     assert (final.trace_stderr > 0).all() and final.trace.notna().all()
     report = (out / "report.md").read_text()
-    assert "eprop (online)** vs bptt" in report and "matched training loss" in report and "No run diverged" in report
+    assert "eprop (online)** against bptt" in report and "matched training loss" in report and "No run diverged" in report
+    assert "Benjamini–Hochberg" in report and "95% CI" in report
     assert "http" not in (out / "report.html").read_text().split("<body>")[1]
     assert json.loads((out / "config.json").read_text())["cells"][0]["model"]["n_rec"] == 8
     # Rerunning the same command resumes: everything is already done and nothing changes.

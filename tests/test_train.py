@@ -146,3 +146,32 @@ def test_evaluation_in_chunks_equals_one_pass():
     whole = evaluate(cfg, params, struct, batch)
     for chunk in (300, 500, 999):  # padded and unpadded
         np.testing.assert_allclose(evaluate(cfg, params, struct, batch, chunk=chunk), whole, rtol=1e-6)
+
+
+def test_members_stop_where_their_smoothed_loss_reaches_the_target(cue):
+    """reached_at is the first iteration whose moving average of minibatch losses is ≤ L*, the
+    parameters freeze there, and a member that never gets there trains for the whole budget."""
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 12, task.n_out)
+    target, beta = 0.45, 0.8
+    tcfg = TrainConfig(learning_rate=0.01, steps=120, eval_every=20, target_loss=target, target_smoothing=beta)
+    res = train_ensemble(cfg, get_rule("bptt"), tcfg, [0, 1, 2], s.train, progress=False,
+                         learning_rates=[0.01, 0.01, 1e-7])
+    for m in range(3):
+        smoothed, expected = np.nan, -1
+        for t, loss in enumerate(res.losses[m]):
+            smoothed = loss if np.isnan(smoothed) else beta * smoothed + (1 - beta) * loss
+            if smoothed <= target:
+                expected = t + 1
+                break
+        assert res.reached_at[m] == expected, (m, res.reached_at[m], expected)
+        if expected > 0:
+            assert np.isnan(res.losses[m, expected:]).all() and np.isfinite(res.losses[m, :expected]).all()
+    assert res.reached_at[0] > 0 and res.reached_at[1] > 0 and res.reached_at[2] == -1  # η ≈ 0 never gets there
+    # Frozen after the stop: a larger budget ends at the same parameters.
+    longer = train_ensemble(cfg, get_rule("bptt"), dataclasses.replace(tcfg, steps=240), [0, 1], s.train,
+                            progress=False)
+    np.testing.assert_array_equal(longer.reached_at, res.reached_at[:2])
+    np.testing.assert_array_equal(longer.params.w_rec, res.params.w_rec[:2])
+    # Once every member has stopped, the remaining evaluations repeat the last one.
+    assert np.all(longer.evals["train_loss"][:, -1] == longer.evals["train_loss"][:, -2])

@@ -131,7 +131,7 @@ def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, fina
     measure_time = float(result.eval_seconds.sum()) + time.perf_counter() - measure_start
     out = {
         "seeds": np.asarray(seeds), "learning_rates": np.asarray(lrs),
-        "diverged_at": result.diverged_at, "losses": result.losses,
+        "diverged_at": result.diverged_at, "reached_at": result.reached_at, "losses": result.losses,
         "eval_steps": result.eval_steps, "eval_seconds": result.eval_seconds,
         "train_seconds": np.float64(time.perf_counter() - start - measure_time),
         "measure_seconds": np.float64(measure_time),
@@ -164,9 +164,21 @@ def _condition(exp: Experiment, cell: Cell, spec: RuleSpec, lr: float) -> str:
 
 
 def _member_columns(exp: Experiment, cell: Cell, spec: RuleSpec, seed: int, lr: float) -> dict:
-    """The columns that name one trained network in every table."""
-    return {**_cell_columns(exp, cell), "condition": _condition(exp, cell, spec, lr), "rule": spec.label,
-            "seed": seed, "learning_rate": lr}
+    """The columns that name one trained network in every table: its cell and grid coordinates,
+    its condition, rule, seed and η, the grid ``point`` its condition is compared at (the
+    condition without its rule), and the ``computation`` it runs (equal for rules that compute
+    the same estimate, :meth:`Rule.computation`)."""
+    condition = _condition(exp, cell, spec, lr)
+    return {**_cell_columns(exp, cell), "condition": condition, "rule": spec.label,
+            "point": condition.partition(CONDITION_SEPARATOR)[2],
+            "computation": repr(spec.rule.computation(cell.model)), "seed": seed, "learning_rate": lr}
+
+
+def _training_columns(cell: Cell, spec: RuleSpec) -> dict:
+    """How a condition was trained (its own optimizer and schedule: the report's stability edge)."""
+    t = spec.train_config(cell.train)
+    return {"optimizer": t.optimizer, "momentum": t.momentum, "schedule": t.schedule, "boost_at": t.boost_at,
+            "boost_factor": t.boost_factor, "steps": t.steps}
 
 
 def _tables(exp: Experiment, runs: dict[tuple[int, int], dict]):
@@ -175,7 +187,8 @@ def _tables(exp: Experiment, runs: dict[tuple[int, int], dict]):
         cell, spec = exp.cells[ci], exp.rules[ri]
         for mi, (seed, lr) in enumerate(zip(r["seeds"].tolist(), r["learning_rates"].tolist())):
             key = {**_member_columns(exp, cell, spec, seed, lr), "rule_name": spec.rule.name, "form": spec.form}
-            row = {**key, "diverged_at": int(r["diverged_at"][mi]),
+            row = {**key, **_training_columns(cell, spec), "diverged_at": int(r["diverged_at"][mi]),
+                   "reached_at": int(r["reached_at"][mi]),
                    "train_seconds": float(r["train_seconds"]) / len(r["seeds"])}
             row.update({k[5:]: float(r[k][mi, -1]) for k in r if k.startswith("eval/")})
             row.update({k[6:]: float(r[k][mi]) for k in ("final/trace", "final/trace_stderr", "final/sharpness_random")})
@@ -183,7 +196,7 @@ def _tables(exp: Experiment, runs: dict[tuple[int, int], dict]):
             row["gap_accuracy"] = row["train_accuracy"] - row["test_accuracy"]
             final_rows.append(row)
             for j, step in enumerate(r["eval_steps"]):
-                h = {**key, "step": int(step)}
+                h = {**key, "step": int(step), "diverged_at": int(r["diverged_at"][mi])}
                 h.update({k[5:]: float(r[k][mi, j]) for k in r if k.startswith("eval/")})
                 history_rows.append(h)
     return pd.DataFrame(final_rows), pd.DataFrame(history_rows)

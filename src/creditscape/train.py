@@ -5,6 +5,12 @@ once (``vmap`` over seeds). An iteration draws a minibatch (uniformly, with repl
 fixed training set, draws the model's noise, asks the rule for ĝ, adds the L2 gradient, applies
 the optax update and projects the weights back onto their constraints (mask, Dale's law).
 
+With a ``target_loss`` L*, a member **stops** at the first iteration where its smoothed training
+loss (an exponential moving average of its minibatch losses, L2 term excluded) is at or below L*:
+its parameters freeze there and ``reached_at`` records the iteration, so that members of every
+rule are measured at the same training loss; a member that never gets there trains for all
+``steps`` and is marked not reached (``reached_at = -1``).
+
 A seed whose loss or parameters become NaN/inf is **diverged**: its parameters and optimizer
 state freeze at their last finite values, the iteration is recorded in ``diverged_at``, and its
 later losses read NaN. Other seeds are untouched. Between chunks, the host evaluates the
@@ -53,6 +59,10 @@ class TrainConfig:
         form: the rule's form (``"offline"``/``"online"``); ``None`` for its default.
         eval_every: iterations per compiled chunk; evaluation and alignment are recorded at every
             chunk boundary. ``steps`` must be a multiple of it.
+        target_loss: stop each member when its smoothed training loss reaches this value (None:
+            train for ``steps`` iterations); ``steps`` is then the budget.
+        target_smoothing: β of the moving average m ← β m + (1 − β) ℓ of minibatch losses that is
+            compared with ``target_loss`` (0: the minibatch loss itself).
     """
 
     optimizer: str = "adam"
@@ -66,6 +76,8 @@ class TrainConfig:
     l2: float = 0.0
     form: str | None = None
     eval_every: int = 50
+    target_loss: float | None = None
+    target_smoothing: float = 0.9
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -77,6 +89,10 @@ class TrainConfig:
                 raise ValueError(f"train.{name}: must be > 0, got {getattr(self, name)!r}.")
         if self.l2 < 0 or self.momentum < 0:
             raise ValueError("train.l2 and train.momentum must be >= 0.")
+        if self.target_loss is not None and not self.target_loss > 0:
+            raise ValueError(f"train.target_loss: must be > 0 (or unset), got {self.target_loss!r}.")
+        if not 0 <= self.target_smoothing < 1:
+            raise ValueError(f"train.target_smoothing: must be in [0, 1), got {self.target_smoothing!r}.")
         if self.steps % self.eval_every:
             raise ValueError(
                 f"train.steps ({self.steps}) must be a multiple of train.eval_every ({self.eval_every}): "
@@ -114,6 +130,8 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32: iterations done
     diverged_at: jax.Array  # int32: iteration that produced NaN/inf, -1 if none
     learning_rate: jax.Array  # base η of this member (the schedule multiplies it)
+    smoothed_loss: jax.Array  # moving average of minibatch losses (NaN before the first)
+    reached_at: jax.Array  # int32: iterations done when the smoothed loss reached the target, -1 if not
 
 
 def _all_finite(tree) -> jax.Array:
@@ -128,7 +146,8 @@ def init_seed(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, seed, dtype=jnp.f
     rule_state = rule.init(cfg, params, struct, key=k_rule)
     opt_state = make_optimizer(tcfg).init(params)
     lr = jnp.asarray(tcfg.learning_rate if learning_rate is None else learning_rate, dtype)
-    state = TrainState(params, opt_state, k_train, jnp.int32(0), jnp.int32(-1), lr)
+    state = TrainState(params, opt_state, k_train, jnp.int32(0), jnp.int32(-1), lr, jnp.asarray(jnp.nan, dtype),
+                       jnp.int32(-1))
     return state, struct, rule_state
 
 
@@ -155,20 +174,26 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
         batch = jax.tree.map(lambda a: a[idx], train_set)
         noise = draw_noise(cfg, batch, k_noise)
         loss, grads = rule.gradient(cfg, state.params, struct, rule_state, batch, noise, form=form)
+        beta = tcfg.target_smoothing
+        smoothed = jnp.where(jnp.isnan(state.smoothed_loss), loss, beta * state.smoothed_loss + (1 - beta) * loss)
         if tcfg.l2:
             loss = loss + tcfg.l2 * l2_penalty(state.params)
             grads = jax.tree.map(lambda g, w: g + tcfg.l2 * w, grads, l2_gradient(state.params))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         updates = jax.tree.map(lambda u: state.learning_rate * u, updates)
         params = _model.project(cfg, optax.apply_updates(state.params, updates), struct)
-        alive = state.diverged_at < 0
+        alive = (state.diverged_at < 0) & (state.reached_at < 0)
         ok = jnp.isfinite(loss) & _all_finite(params)
         keep = alive & ok
         params, opt_state = jax.tree.map(
             lambda new, old: jnp.where(keep, new, old), (params, opt_state), (state.params, state.opt_state)
         )
         diverged_at = jnp.where(alive & ~ok, state.step, state.diverged_at)
-        new_state = TrainState(params, opt_state, key, state.step + 1, diverged_at, state.learning_rate)
+        reached_at = state.reached_at
+        if tcfg.target_loss is not None:  # the update of this iteration is the last one
+            reached_at = jnp.where(keep & (smoothed <= tcfg.target_loss), state.step + 1, reached_at)
+        new_state = TrainState(params, opt_state, key, state.step + 1, diverged_at, state.learning_rate,
+                               jnp.where(keep, smoothed, state.smoothed_loss), reached_at)
         return new_state, jnp.where(keep, loss, jnp.nan)
 
     return iteration
@@ -235,6 +260,7 @@ class TrainResult(NamedTuple):
     structs: Structure
     rule_states: object
     diverged_at: np.ndarray  # (members,) iteration of divergence, -1 if none
+    reached_at: np.ndarray  # (members,) iterations done when the target loss was reached, -1 if not
     losses: np.ndarray  # (members, steps) training minibatch loss (incl. L2), NaN after divergence
     eval_steps: np.ndarray  # (n_evals,) iteration counts at which ``evals`` were taken
     evals: dict[str, np.ndarray]  # name → (members, n_evals)
@@ -361,13 +387,25 @@ def train_ensemble(
     with tqdm(total=tcfg.steps, initial=done * tcfg.eval_every, desc=label, disable=not progress, leave=False,
               unit="it") as bar:
         for i in range(done, n_chunks):
-            states, chunk_losses = chunk(states, structs, rule_states, train_set)
-            losses.append(np.asarray(chunk_losses))
-            record(states)
+            if np.all((np.asarray(states.diverged_at) >= 0) | (np.asarray(states.reached_at) >= 0)):
+                # Every member has stopped (target reached or diverged): its parameters are frozen, so
+                # the remaining evaluations are the last one, and there is nothing left to train.
+                losses.append(np.full((len(seeds), tcfg.eval_every), np.nan))
+                evals.append(evals[-1])
+                seconds.append(0.0)
+                if keep_trajectory:
+                    trajectory.append(trajectory[-1])
+            else:
+                states, chunk_losses = chunk(states, structs, rule_states, train_set)
+                losses.append(np.asarray(chunk_losses))
+                record(states)
             bar.update(tcfg.eval_every)
             last = losses[-1][:, -1]
-            bar.set_postfix(loss=f"{np.nanmean(last):.4f}" if np.isfinite(last).any() else "nan",
-                            diverged=int((np.asarray(states.diverged_at) >= 0).sum()))
+            postfix = {"loss": f"{np.nanmean(last):.4f}" if np.isfinite(last).any() else "nan",
+                       "diverged": int((np.asarray(states.diverged_at) >= 0).sum())}
+            if tcfg.target_loss is not None:
+                postfix["reached"] = int((np.asarray(states.reached_at) >= 0).sum())
+            bar.set_postfix(postfix)
             if checkpoint is not None and i + 1 < n_chunks and time.monotonic() - last_save >= checkpoint.every_seconds:
                 save_arrays(Path(checkpoint.path), _snapshot(states, v, losses, evals, seconds, trajectory))
                 last_save = time.monotonic()
@@ -376,6 +414,7 @@ def train_ensemble(
         structs=structs,
         rule_states=rule_states,
         diverged_at=np.asarray(states.diverged_at),
+        reached_at=np.asarray(states.reached_at),
         losses=np.concatenate(losses, axis=1),
         eval_steps=np.arange(n_chunks + 1) * tcfg.eval_every,
         evals={k: np.stack([e[k] for e in evals], axis=1) for k in evals[0]},

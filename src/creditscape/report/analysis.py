@@ -1,0 +1,184 @@
+"""From the result tables of an experiment to the comparisons its report states.
+
+Rows are compared by **condition** (a rule and its grid coordinates other than the task) within
+a task; the reference of a condition is BPTT at the same **point** of the grid (the ``point``
+column the runner writes). What is compared:
+
+* every run once: conditions that are one computation (the ``computation`` column, from the rule
+  registry: e.g. ``rflo`` and ``eprop_random``, or the two forms of a rule) count once, the first
+  listed; the others are kept as checks and named (:func:`counted`);
+* at the fixed iteration budget (the final networks) and at a **matched training loss** L*:
+  each run is read where its training-set loss first reaches L*, interpolated between the two
+  evaluations around that point (:func:`read_at_loss`);
+* each condition against BPTT (:func:`contrasts`) and curvature against the clean and the
+  perturbed-test gap, within each condition and pooled with the condition as a stratum
+  (:func:`correlations`); every p-value of a report is adjusted together (Benjamini–Hochberg).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from creditscape.report import stats
+
+REFERENCE_RULE = "bptt"
+# Compared against BPTT, and correlated with curvature, for every condition.
+CONTRASTED = ("train_loss", "gap_loss", "perturbed_gap", "lambda_max")
+CURVATURES = ("lambda_max", "trace")
+GAPS = ("gap_loss", "perturbed_gap")
+LABELS = {"train_loss": "training loss", "test_loss": "test loss", "gap_loss": "gap (test − train loss)",
+          "perturbed_gap": "perturbed gap", "lambda_max": "λ_max", "trace": "Hessian trace", "rho": "ρ"}
+
+
+def ok(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs that did not diverge."""
+    return df[df.diverged_at < 0]
+
+
+def perturbed_losses(df: pd.DataFrame) -> list[str]:
+    """The perturbed-test loss columns, e.g. ``perturbed[noise=0.2]_loss``, in their order."""
+    return [c for c in df.columns if c.startswith("perturbed[") and c.endswith("_loss")]
+
+
+def with_gaps(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``gap_loss`` and ``perturbed_gap`` (the first perturbed set's loss − training loss: the
+    paper's generalization measure is the loss on noisy test images)."""
+    df = df.copy()
+    df["gap_loss"] = df.test_loss - df.train_loss
+    first = next(iter(perturbed_losses(df)), None)
+    df["perturbed_gap"] = df[first] - df.train_loss if first else np.nan
+    return df
+
+
+def perturbed_name(df: pd.DataFrame) -> str | None:
+    """The perturbed set behind ``perturbed_gap`` (e.g. ``noise=0.2``)."""
+    first = next(iter(perturbed_losses(df)), None)
+    return first[10:-6] if first else None
+
+
+def counted(final: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The rows of conditions counted in statistics, and (left out, same computation as) pairs:
+    at each task and grid point, of the conditions that are one computation only the first
+    listed is counted."""
+    dropped = []
+    for _, g in final.groupby(["task", "point"], sort=False):
+        first: dict[str, str] = {}
+        for cond, comp in g[["condition", "computation"]].drop_duplicates().itertuples(index=False):
+            if comp in first and first[comp] != cond:
+                dropped.append((cond, first[comp]))
+            first.setdefault(comp, cond)
+    left_out = {d for d, _ in dropped}
+    return final[~final.condition.isin(left_out)], dropped
+
+
+def reference(final: pd.DataFrame, condition: str) -> str | None:
+    """The BPTT condition at the grid point of ``condition`` (None if not run, or if it is BPTT)."""
+    point = final.loc[final.condition == condition, "point"].iloc[0]
+    ref = final[(final.point == point) & (final.rule == REFERENCE_RULE)].condition
+    return ref.iloc[0] if len(ref) and ref.iloc[0] != condition else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Matched training loss
+
+
+def matched_level(final: pd.DataFrame, history: pd.DataFrame, target: float | None) -> pd.Series:
+    """L* per grid point: the training target when the runs trained to one; otherwise the lowest
+    training-set loss that every non-diverged run at that point reached at some evaluation (the
+    largest of the runs' minima), so that every run is read, none extrapolated."""
+    points = final.groupby("point", sort=False).size().index
+    if target is not None:
+        return pd.Series(float(target), index=points)
+    alive = ok(final)[["condition", "seed", "learning_rate"]]
+    h = history.merge(alive, on=["condition", "seed", "learning_rate"])
+    lowest = h.groupby(["point", "condition", "seed", "learning_rate"]).train_loss.min()
+    return lowest.groupby(level="point").max().reindex(points)
+
+
+def read_at_loss(history: pd.DataFrame, levels: pd.Series) -> pd.DataFrame:
+    """Each run where its training-set loss first reaches the level of its grid point: every
+    numeric column interpolated linearly in log(training loss) between the evaluation before and
+    the evaluation at that point. One row per run; ``reached`` is False (other values NaN) for a
+    run that never reaches it; ``coarse`` marks a reading between two evaluations whose training
+    losses differ more than twofold (an interpolation across much of training)."""
+    numeric = [c for c in history.columns if c not in ("seed", "learning_rate", "step", "cell", "diverged_at")
+               and pd.api.types.is_float_dtype(history[c])]
+    rows = []
+    for (cond, seed, lr), h in history.groupby(["condition", "seed", "learning_rate"], sort=False):
+        h = h.sort_values("step")
+        level = float(levels[h.point.iloc[0]])
+        row = {"task": h.task.iloc[0], "point": h.point.iloc[0], "condition": cond, "rule": h.rule.iloc[0],
+               "seed": seed, "learning_rate": lr, "level": level}
+        loss = h.train_loss.to_numpy(float)
+        below = np.flatnonzero(loss <= level * (1 + 1e-9))
+        if not len(below):
+            rows.append({**row, "reached": False})
+            continue
+        j = below[0]
+        if j == 0:
+            w = 0.0
+        else:
+            hi, lo = np.log(loss[j - 1]), np.log(max(loss[j], 1e-300))
+            w = float(np.clip((hi - np.log(level)) / (hi - lo), 0.0, 1.0)) if hi > lo else 1.0
+        i = max(j - 1, 0)
+        values = {c: (1 - w) * h[c].iloc[i] + w * h[c].iloc[j] for c in numeric}
+        values["train_loss"] = float(np.exp((1 - w) * np.log(loss[i]) + w * np.log(max(loss[j], 1e-300))))
+        steps = h.step.to_numpy(float)
+        rows.append({**row, "reached": True, **values, "step": (1 - w) * steps[i] + w * steps[j],
+                     "coarse": bool(loss[i] > 2 * loss[j])})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Contrasts and correlations
+
+
+def contrasts(runs: pd.DataFrame, reading: str) -> pd.DataFrame:
+    """Each counted condition against BPTT at its grid point, per metric of :data:`CONTRASTED`:
+    medians, difference of medians with its bootstrap interval, permutation p (unadjusted)."""
+    rows = []
+    for cond in dict.fromkeys(runs.condition):
+        ref = reference(runs, cond)
+        if ref is None:
+            continue
+        a, b = runs[runs.condition == cond], runs[runs.condition == ref]
+        for metric in CONTRASTED:
+            if metric not in runs or not np.isfinite(runs[metric].to_numpy(float)).any():
+                continue
+            c = stats.contrast(a[metric], b[metric])
+            rows.append({"task": runs.task.iloc[0], "reading": reading, "condition": cond, "reference": ref,
+                         "metric": metric, "median": np.nanmedian(a[metric].to_numpy(float)),
+                         "reference_median": np.nanmedian(b[metric].to_numpy(float)), "n": c.n_a,
+                         "n_reference": c.n_b, "effect": c.effect, "ci_low": c.ci[0], "ci_high": c.ci[1], "p": c.p})
+    return pd.DataFrame(rows)
+
+
+def correlations(runs: pd.DataFrame) -> pd.DataFrame:
+    """Spearman ρ of each curvature measure with each gap: within each condition, and pooled over
+    conditions with the condition as a stratum (never pooled raw: differences between rules in
+    training loss would make a correlation that holds within no rule)."""
+    rows = []
+    for curvature in CURVATURES:
+        for gap in GAPS:
+            if curvature not in runs or gap not in runs or not np.isfinite(runs[gap].to_numpy(float)).any():
+                continue
+            scopes = [(c, runs[runs.condition == c], None) for c in dict.fromkeys(runs.condition)]
+            scopes.append(("all conditions (condition as stratum)", runs, runs.condition.to_numpy()))
+            for scope, g, strata in scopes:
+                r = stats.spearman(g[curvature], g[gap], strata)
+                if np.isfinite(r.rho):
+                    rows.append({"task": runs.task.iloc[0], "curvature": curvature, "gap": gap, "scope": scope,
+                                 "n": r.n, "rho": r.rho, "ci_low": r.ci[0], "ci_high": r.ci[1], "p": r.p})
+    return pd.DataFrame(rows)
+
+
+def adjust_all(*tables: pd.DataFrame) -> None:
+    """Benjamini–Hochberg over every p-value of the given tables together (``p_adjusted``, in place)."""
+    ps = np.concatenate([t.p.to_numpy(float) if "p" in t else np.zeros(0) for t in tables])
+    adjusted = stats.adjust(ps)
+    start = 0
+    for t in tables:
+        if "p" in t:
+            t["p_adjusted"] = adjusted[start:start + len(t)]
+            start += len(t)

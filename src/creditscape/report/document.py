@@ -1,0 +1,363 @@
+"""The report document: tables and findings in words, assembled as Markdown and self-contained
+HTML (figures embedded, no network needed to view it)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from creditscape.report import analysis as A
+from creditscape.report import figures as F
+
+SIGNIFICANCE = 0.05  # on Benjamini–Hochberg adjusted p-values
+FIT_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "gap_loss", "perturbed_gap")
+CURVATURE_COLUMNS = ("lambda_max", "lambda_max_all", "trace", "rho", "sharpness_random", "alignment_recurrent")
+
+
+def number(x, digits: int = 3) -> str:
+    """``digits`` significant digits, plain decimals between 1e-3 and 1e5, else scientific."""
+    x = float(x)
+    if not np.isfinite(x):
+        return "—"
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e5:
+        return f"{x:.{max(digits - 1 - int(np.floor(np.log10(abs(x)))), 0)}f}"
+    return f"{x:.{digits - 1}e}"
+
+
+def _signed(x) -> str:
+    return ("+" if float(x) > 0 else "") + number(x)
+
+
+def _spread(values) -> str:
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return "—"
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    return f"{number(med)} [{number(q1)}, {number(q3)}]"
+
+
+def summary_table(final: pd.DataFrame, columns=FIT_COLUMNS + CURVATURE_COLUMNS) -> pd.DataFrame:
+    """Per task and condition: median [first quartile, third quartile] over the non-diverged runs
+    of each column, and the numbers of runs and diverged runs."""
+    final = A.with_gaps(final)
+    rows = []
+    for (task, cond), g in final.groupby(["task", "condition"], sort=False):
+        row = {"task": task, "condition": cond, "runs": len(g), "diverged": int((g.diverged_at >= 0).sum())}
+        row.update({c: _spread(A.ok(g)[c]) for c in columns if c in final})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _effect(row) -> str:
+    """One metric of a contrast: the medians, the verdict, the effect with its interval, the
+    adjusted p."""
+    sig = row.p_adjusted < SIGNIFICANCE
+    verdict = ("higher" if row.effect > 0 else "lower") if sig else "no difference shown"
+    return (f"{A.LABELS[row.metric]} {number(row.median)} vs {number(row.reference_median)}, {verdict} "
+            f"(difference {_signed(row.effect)}, 95% CI [{number(row.ci_low)}, {number(row.ci_high)}], "
+            f"p = {number(row.p_adjusted, 2)})")
+
+
+def _contrast_findings(contrasts: pd.DataFrame, matched: pd.DataFrame, level_text: str) -> list:
+    """One finding per condition, with one line per reading (matched loss, fixed budget)."""
+    out = []
+    for cond in dict.fromkeys(contrasts.condition):
+        c = contrasts[contrasts.condition == cond]
+        ref, n, n_ref = c.reference.iloc[0], c.n.max(), c.n_reference.max()
+        head = (f"**{cond}** against {ref} (n = {n} vs {n_ref} runs; differences of medians with bootstrap "
+                "intervals; permutation tests, p adjusted by Benjamini–Hochberg over the whole report):")
+        lines = []
+        m = c[(c.reading == "matched") & (c.metric != "train_loss")]
+        if len(m):
+            reached = matched[matched.condition.isin([cond, ref])].groupby("condition").reached.agg(["sum", "size"])
+            counts = " and ".join(f"{int(reached.loc[k, 'sum'])}/{int(reached.loc[k, 'size'])}" for k in (cond, ref)
+                                  if k in reached.index)
+            coarse = matched[matched.condition.isin([cond, ref]) & matched.coarse.fillna(False).astype(bool)]
+            lines.append(f"At matched training loss ({level_text}; reached by {counts} runs): "
+                         + "; ".join(_effect(r) for r in m.itertuples()) + "."
+                         + (f" {len(coarse)} of these runs crossed L* between evaluations whose training losses "
+                            "differ more than twofold, so their reading is a coarse interpolation: evaluate more often "
+                            "or train to the target (train.target_loss)." if len(coarse) else ""))
+        f = c[c.reading == "fixed budget"]
+        if len(f):
+            text = "At the fixed budget: " + "; ".join(_effect(r) for r in f.itertuples()) + "."
+            fit = f[f.metric == "train_loss"]
+            if len(fit) and fit.p_adjusted.iloc[0] < SIGNIFICANCE and fit.effect.iloc[0] > 0:
+                text += (" It fits the training set worse at the fixed budget, so its gaps there are not "
+                         "like-for-like: read the matched comparison.")
+            lines.append(text)
+        out.append((head, lines))
+    return out
+
+
+def _verdict(contrasts: pd.DataFrame) -> str | None:
+    """The paper's claim, checked: sharper minima and worse generalization than BPTT at matched
+    training loss (the perturbed gap is the paper's measure; the clean gap when there is none)."""
+    m = contrasts[contrasts.reading == "matched"]
+    if not len(m):
+        return None
+    gap = "perturbed_gap" if (m.metric == "perturbed_gap").any() else "gap_loss"
+
+    def which(metric):
+        rows = m[(m.metric == metric) & (m.p_adjusted < SIGNIFICANCE) & (m.effect > 0)]
+        return sorted(set(rows.condition))
+
+    conditions = sorted(set(m.condition))
+    sharper, worse = which("lambda_max"), which(gap)
+    both = [c for c in sharper if c in worse]
+    text = (f"The paper's claim at matched training loss — a bio-plausible rule finds sharper minima (higher λ_max) "
+            f"and generalizes worse ({A.LABELS[gap]}) than BPTT — is supported for "
+            f"{', '.join(both) if both else 'none'} of the {len(conditions)} conditions compared. ")
+    text += f"Sharper: {', '.join(sharper) or 'none'}. Worse {A.LABELS[gap]}: {', '.join(worse) or 'none'}."
+    unsupported = [c for c in conditions if c not in both]
+    if unsupported:
+        text += f" For {', '.join(unsupported)} these data do not support the claim (after correcting for multiple tests)."
+    return text
+
+
+def _correlation_findings(corr: pd.DataFrame) -> list[str]:
+    out = []
+    for (curv, gap), g in corr.groupby(["curvature", "gap"], sort=False):
+        pooled = g[g.scope.str.startswith("all conditions")]
+        within = g[~g.scope.str.startswith("all conditions")]
+        text = f"{A.LABELS[curv]} and the {A.LABELS[gap]}"
+        if len(pooled):
+            r = pooled.iloc[0]
+            sig = "significant" if r.p_adjusted < SIGNIFICANCE else "not significant"
+            text += (f", within conditions pooled (condition as stratum, n = {r.n}): Spearman ρ = {number(r.rho, 2)} "
+                     f"(95% CI [{number(r.ci_low, 2)}, {number(r.ci_high, 2)}]; stratified permutation test, "
+                     f"Benjamini–Hochberg p = {number(r.p_adjusted, 2)}), {sig}")
+        n_sig = int((within.p_adjusted < SIGNIFICANCE).sum())
+        text += f"; significant within {n_sig} of {len(within)} conditions taken separately."
+        out.append("Correlation of " + text)
+    return out
+
+
+def _contrast_table(contrasts: pd.DataFrame) -> pd.DataFrame:
+    if not len(contrasts):
+        return contrasts
+    t = pd.DataFrame({
+        "condition": contrasts.condition, "reading": contrasts.reading, "metric": contrasts.metric.map(A.LABELS),
+        "median": contrasts["median"].map(number), "BPTT": contrasts.reference_median.map(number),
+        "difference [95% CI]": [f"{_signed(r.effect)} [{number(r.ci_low)}, {number(r.ci_high)}]"
+                                for r in contrasts.itertuples()],
+        "n": [f"{r.n} vs {r.n_reference}" for r in contrasts.itertuples()],
+        "p": contrasts.p.map(lambda v: number(v, 2)), "p (BH)": contrasts.p_adjusted.map(lambda v: number(v, 2)),
+    })
+    return t
+
+
+def _correlation_table(corr: pd.DataFrame) -> pd.DataFrame:
+    if not len(corr):
+        return corr
+    return pd.DataFrame({
+        "curvature": corr.curvature.map(A.LABELS), "gap": corr.gap.map(A.LABELS), "scope": corr.scope, "n": corr.n,
+        "Spearman ρ [95% CI]": [f"{number(r.rho, 2)} [{number(r.ci_low, 2)}, {number(r.ci_high, 2)}]"
+                                for r in corr.itertuples()],
+        "p": corr.p.map(lambda v: number(v, 2)), "p (BH)": corr.p_adjusted.map(lambda v: number(v, 2)),
+    })
+
+
+def _matched_table(matched: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for cond, g in matched.groupby("condition", sort=False):
+        hit = g[g.reached]
+        row = {"condition": cond, "L*": number(g.level.iloc[0]), "reached": f"{len(hit)}/{len(g)}"}
+        for c in ("step", "train_loss", "train_accuracy", "test_loss", "gap_loss", "perturbed_gap", "lambda_max"):
+            row[c] = _spread(hit[c]) if len(hit) and c in hit else "—"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _analyse(final: pd.DataFrame, history: pd.DataFrame, target: float | None) -> dict:
+    """Everything one task's section needs, p-values not yet adjusted."""
+    final, history = A.with_gaps(final), A.with_gaps(history)
+    runs, dropped = A.counted(final)
+    alive = A.ok(runs)
+    levels = A.matched_level(runs, history[history.condition.isin(set(runs.condition))], target)
+    if target is not None:  # trained to the target: the final networks are the matched ones
+        matched = alive.assign(level=float(target), reached=alive.reached_at >= 0, step=alive.reached_at.astype(float),
+                               coarse=False)
+    else:
+        matched = A.read_at_loss(history[history.condition.isin(set(alive.condition))].merge(
+            alive[["condition", "seed", "learning_rate"]], on=["condition", "seed", "learning_rate"]), levels)
+    reached = matched[matched.reached] if len(matched) else matched
+    # Trained to a target, the final networks are the matched ones: one reading, not two.
+    readings = [] if target is not None else [A.contrasts(alive, "fixed budget")]
+    readings += [A.contrasts(reached, "matched")] if len(reached) else []
+    contrasts = pd.concat(readings, ignore_index=True) if readings else pd.DataFrame()
+    return {"final": final, "history": history, "dropped": dropped, "levels": levels, "matched": matched,
+            "contrasts": contrasts, "correlations": A.correlations(alive)}
+
+
+def _level_text(levels: pd.Series, target) -> str:
+    values = ", ".join(number(v) for v in levels.dropna().unique())
+    if target is not None:
+        return f"L* = {values}, the training target: each run stopped when its smoothed training loss reached it"
+    return f"L* = {values}, the lowest training loss every run reached"
+
+
+def _findings(a: dict, target) -> list:
+    """The findings of one task: sentences, or (sentence, [lines under it])."""
+    final = a["final"]
+    out = []
+    verdict = _verdict(a["contrasts"]) if len(a["contrasts"]) else None
+    if verdict:
+        out.append(verdict)
+    if len(a["contrasts"]):
+        out += _contrast_findings(a["contrasts"], a["matched"], _level_text(a["levels"], target))
+    if len(a["correlations"]):
+        out += _correlation_findings(a["correlations"])
+    for left_out, kept in a["dropped"]:
+        out.append(f"{left_out} is the same computation as {kept}: it was run as a check and is left out of every "
+                   "statistic.")
+    diverged = final[final.diverged_at >= 0]
+    if len(diverged) == len(final):
+        out.append(f"Every run diverged (NaN/inf; {len(final)} runs): there is nothing to compare. "
+                   + "; ".join(f"{r.condition} seed {r.seed} at iteration {r.diverged_at}" for r in diverged.itertuples())
+                   + ".")
+    elif len(diverged):
+        where = "; ".join(f"{r.condition} seed {r.seed} at iteration {r.diverged_at}" for r in diverged.itertuples())
+        out.append(f"{len(diverged)} of {len(final)} runs diverged (NaN/inf) and are excluded from the statistics: {where}.")
+    else:
+        out.append(f"No run diverged ({len(final)} runs).")
+    return out
+
+
+def _setup(cell: dict, config: dict) -> str:
+    tr, mo, m = cell["train"], cell["model"], config["measure"]
+    dale = f", Dale's law ({mo['dale_exc_fraction']:.0%} excitatory)" if mo.get("dale_exc_fraction") else ""
+    target = f", trained until the smoothed training loss reaches {tr['target_loss']:g}" if tr.get("target_loss") else ""
+    return (f"Task `{cell['task']['name']}` (n_train = {cell['task']['n_train']}, n_test = {cell['task']['n_test']}); "
+            f"{tr['optimizer']} η = {', '.join(f'{v:g}' for v in cell['learning_rates'])}, {tr['steps']} iterations"
+            f"{target}, batch {tr['batch_size']}, L2 {tr['l2']}; model {mo['form']} form, N = {mo['n_rec']}, "
+            f"α = {mo['alpha']}, {mo['activation']}{dale}. Curvature on the first "
+            f"{min(m['curvature_batch'], cell['task']['n_train'])} of the {cell['task']['n_train']} training sequences.")
+
+
+def _definitions(config: dict) -> str:
+    m = config["measure"]
+    return (
+        "λ_max: top Hessian eigenvalue of the exact training loss" + (" (L2 included)" if m["l2_in_curvature"] else "")
+        + f" w.r.t. `{m['curvature_block']}`, Lanczos with {m['lanczos_steps']} steps on the first "
+        f"{m['curvature_batch']} training sequences; trace: Hutch++ with {m['trace_probes']} HVPs on the same block. "
+        "Gap: test − train loss on fixed disjoint sets; perturbed gap: loss on the first perturbed test set − train "
+        "loss. ρ = v₁ᵀĴv₁/λ₁: the rule's gain along the top Hessian eigenvector v₁ (Ĵ = ∂ĝ/∂θ on the same block); "
+        "under SGD with step η(t) the rule can be stable up to λ_max ≈ 2(1+β)/(η(t)ρ) instead of 2(1+β)/η(t). "
+        f"sharpness_random: mean loss increase under random weight perturbations of relative scale "
+        f"{m['sharpness_scale']}. Tables give the median [first quartile, third quartile] over non-diverged runs. "
+        "Statistics: a condition against BPTT at the same grid point by the difference of medians, with a "
+        "percentile bootstrap 95% interval (runs resampled within each group) and a two-sided permutation test; "
+        "correlations by Spearman's ρ within each condition and pooled with the condition as a stratum (ranks "
+        "within conditions; bootstrap and permutations within conditions); every p-value of the report adjusted "
+        f"together by Benjamini–Hochberg, significant when the adjusted p < {SIGNIFICANCE}. Matched training loss: "
+        "each run read where its training-set loss first reaches L*, interpolated in log loss between the two "
+        "evaluations around that point. Conditions that are one computation (e.g. the two forms of a rule) count once."
+    )
+
+
+def write_report(folder: str | Path) -> Path:
+    """Write figures, ``report.md`` and ``report.html`` into a results folder; return the HTML path."""
+    folder = Path(folder)
+    final = pd.read_parquet(folder / "final.parquet")
+    history = pd.read_parquet(folder / "history.parquet")
+    slices_path = folder / "slices.parquet"
+    slices = pd.read_parquet(slices_path) if slices_path.is_file() else pd.DataFrame()
+    config = json.loads((folder / "config.json").read_text())
+    figs = folder / "figures"
+    figs.mkdir(exist_ok=True)
+    tasks = list(dict.fromkeys(final.task))
+    cells = {c["task"]["name"]: c for c in config["cells"]}
+    analyses = {}
+    for task in tasks:  # perturbed sets are per task: drop the other tasks' (empty) columns
+        f_t = final[final.task == task].dropna(axis=1, how="all")
+        h_t = history[history.task == task].dropna(axis=1, how="all")
+        analyses[task] = _analyse(f_t, h_t, cells[task]["train"].get("target_loss"))
+    A.adjust_all(*[t for a in analyses.values() for t in (a["contrasts"], a["correlations"])])
+
+    intro = (f"{len(config['cells'])} grid cell(s), {len(config['rules'])} rules, {len(config['seeds'])} seeds; "
+             f"{len(final)} runs in all.")
+    md = [f"# creditscape report: {config['name']}", "", intro]
+    page = [f"<h1>creditscape report: {html.escape(config['name'])}</h1>", f"<p>{html.escape(intro)}</p>"]
+    for t, task in enumerate(tasks):
+        a, cell = analyses[task], cells[task]
+        target = cell["train"].get("target_loss")
+        conditions = list(dict.fromkeys(a["final"].condition))
+        palette = F.colors(conditions)
+        prefix = f"{t}-" if len(tasks) > 1 else ""
+        block = config["measure"]["curvature_block"]
+        level = float(a["levels"].iloc[0]) if len(a["levels"]) == 1 else None
+        images = (F.loss_curves(a["final"], a["history"], figs, prefix, palette, conditions)
+                  + F.against_training_loss(a["history"], figs, prefix, palette, conditions, level, block)
+                  + F.sharpness_along_training(a["final"], a["history"], figs, prefix, palette, conditions, block)
+                  + F.per_condition(a["final"], figs, prefix, palette, conditions, block)
+                  + F.perturbed(a["final"], figs, prefix, palette, conditions)
+                  + F.curvature_vs_gap(a["final"], figs, prefix, palette, conditions)
+                  + F.alignment(a["history"], figs, prefix, palette, conditions)
+                  + F.slices(slices[slices.task == task] if len(slices) else slices, figs, prefix, palette, conditions)
+                  + F.across_grid(a["final"], figs, prefix))
+        summary = summary_table(a["final"]).drop(columns="task")
+        fit = summary[[c for c in summary.columns if c not in CURVATURE_COLUMNS]]
+        curvature = summary[["condition"] + [c for c in CURVATURE_COLUMNS if c in summary]]
+        end = "end (each run stopped at the training target, or at the budget)" if target is not None else "fixed budget"
+        tables = [
+            (f"Fit and generalization at the {end}", fit),
+            (f"Curvature at the {end}", curvature),
+            (f"At matched training loss ({_level_text(a['levels'], target)})", _matched_table(a["matched"])
+             if len(a["matched"]) else pd.DataFrame()),
+            ("Each condition against BPTT", _contrast_table(a["contrasts"])),
+            ("Curvature against the gaps", _correlation_table(a["correlations"])),
+        ]
+        findings = _findings(a, target)
+        setup = _setup(cell, config)
+        md += ["", f"## {task}", "", setup, "", "### Findings", ""]
+        page += [f"<h2>{html.escape(task)}</h2><p>{html.escape(setup)}</p>", "<h3>Findings</h3><ul>"]
+        for f in findings:
+            head, lines = f if isinstance(f, tuple) else (f, [])
+            md += [f"- {head}"] + [f"    - {line}" for line in lines]
+            sub = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+            page.append(f"<li>{_bold(html.escape(head))}" + (f"<ul>{sub}</ul>" if sub else "") + "</li>")
+        page.append("</ul>")
+        for title, table in tables:
+            if len(table):
+                md += ["", f"### {title}", "", _md_table(table)]
+                page += [f"<h3>{html.escape(title)}</h3><div class='wide'>{table.to_html(index=False, border=0)}</div>"]
+        md += ["", "### Figures", ""] + [f"![{title}]({p})" for title, p in images]
+        page += [f"<h4>{html.escape(title)}</h4><img src='{_embed(folder, p)}' alt='{html.escape(title)}'>"
+                 for title, p in images]
+    definitions = _definitions(config)
+    md += ["", "## Definitions", "", definitions]
+    page += ["<h2>Definitions</h2>", f"<p>{html.escape(definitions)}</p>"]
+    (folder / "report.md").write_text("\n".join(md) + "\n")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em;line-height:1.45}"
+             "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;text-align:right;white-space:nowrap}"
+             "td:first-child,th:first-child{text-align:left}tr:nth-child(even){background:#f4f4f4}"
+             ".wide{overflow-x:auto}img{max-width:100%}li{margin-bottom:.5em}")
+    (folder / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>creditscape report</title>"
+        f"<style>{style}</style></head><body>" + "\n".join(page) + "</body></html>")
+    return folder / "report.html"
+
+
+def _bold(text: str) -> str:
+    parts = text.split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _embed(folder: Path, png: str) -> str:
+    return "data:image/png;base64," + base64.b64encode((folder / png).read_bytes()).decode()

@@ -1,0 +1,136 @@
+"""The statistics of a comparison between rules: pure functions of arrays (numpy, scipy.stats).
+
+* :func:`contrast` — two groups of runs (a rule against BPTT): the difference of medians with a
+  bootstrap interval, and a two-sided permutation test of the difference of mean ranks (the
+  Mann–Whitney statistic: a difference of medians ties across too many permutations of a few
+  runs to be a powerful test statistic).
+* :func:`spearman` — rank correlation of two measures across runs, optionally **stratified**:
+  ranks are taken within each stratum (condition) and centered there, so that differences
+  *between* conditions (e.g. one rule underfits and is flatter) cannot make a correlation that
+  holds within none of them. Bootstrap and permutations stay within strata.
+* :func:`adjust` — Benjamini–Hochberg adjusted p-values over every test a report prints.
+
+Non-finite values are dropped pairwise; groups too small for a statistic give NaN, never an error.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+RESAMPLES = 9999
+
+
+def _finite(a) -> np.ndarray:
+    a = np.asarray(a, float)
+    return a[np.isfinite(a)]
+
+
+def median_difference(a, b, axis=-1):
+    """median(a) − median(b) (vectorized along ``axis``, as scipy's resampling functions need)."""
+    return np.median(a, axis=axis) - np.median(b, axis=axis)
+
+
+def mean_rank_difference(a, b, axis=-1):
+    """Mean rank of a minus mean rank of b in the pooled sample (vectorized along ``axis``)."""
+    ranks = stats.rankdata(np.concatenate([a, b], axis=axis), axis=axis)
+    n_a = np.shape(a)[axis]
+    return np.take(ranks, np.arange(n_a), axis=axis).mean(axis) - np.take(
+        ranks, np.arange(n_a, ranks.shape[axis]), axis=axis).mean(axis)
+
+
+class Contrast(NamedTuple):
+    """Group a against group b."""
+
+    n_a: int
+    n_b: int
+    effect: float  # median(a) − median(b)
+    ci: tuple[float, float]  # percentile bootstrap interval of the effect (runs resampled per group)
+    p: float  # two-sided permutation test of the mean-rank difference (exact when partitions are few)
+
+
+def contrast(a, b, *, resamples: int = RESAMPLES, seed: int = 0) -> Contrast:
+    """Difference of medians of a and b, its bootstrap interval, and the permutation p-value of a
+    difference in location (mean ranks)."""
+    a, b = _finite(a), _finite(b)
+    if len(a) < 2 or len(b) < 2:
+        return Contrast(len(a), len(b), float("nan"), (float("nan"), float("nan")), float("nan"))
+    effect = float(median_difference(a, b))
+    rng = np.random.default_rng(seed)
+    if np.ptp(np.concatenate([a, b])) == 0:  # all equal: nothing to resample
+        return Contrast(len(a), len(b), effect, (effect, effect), 1.0)
+    boot = stats.bootstrap((a, b), median_difference, n_resamples=resamples, confidence_level=CONFIDENCE,
+                           method="percentile", rng=rng)
+    perm = stats.permutation_test((a, b), mean_rank_difference, permutation_type="independent",
+                                  n_resamples=resamples, rng=rng)
+    ci = boot.confidence_interval
+    return Contrast(len(a), len(b), effect, (float(ci.low), float(ci.high)), float(perm.pvalue))
+
+
+class Correlation(NamedTuple):
+    n: int
+    rho: float  # Spearman's ρ (within-stratum ranks when stratified)
+    ci: tuple[float, float]  # percentile bootstrap interval (runs resampled within strata)
+    p: float  # two-sided permutation test (y permuted within strata)
+    strata: int
+
+
+def _centered_ranks(values: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+    """Ranks within each group of columns, centered on the group's mean rank; rows are resamples."""
+    out = np.empty_like(values, dtype=float)
+    for cols in groups:
+        r = stats.rankdata(values[..., cols], axis=-1)
+        out[..., cols] = r - r.mean(axis=-1, keepdims=True)
+    return out
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    num = (x * y).sum(-1)
+    den = np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def spearman(x, y, strata=None, *, resamples: int = 4999, seed: int = 0) -> Correlation:
+    """Spearman's ρ of x and y across runs; with ``strata`` (one label per run), the correlation
+    of ranks taken and centered within each stratum. Strata with fewer than 3 runs are left out.
+    Without strata it is the ordinary Spearman ρ."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    labels = np.zeros(len(x), int) if strata is None else np.asarray(strata)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y, labels = x[ok], y[ok], labels[ok]
+    groups = [np.flatnonzero(labels == s) for s in dict.fromkeys(labels.tolist())]
+    groups = [g for g in groups if len(g) >= 3]
+    n = sum(len(g) for g in groups)
+    nan = Correlation(n, float("nan"), (float("nan"), float("nan")), float("nan"), len(groups))
+    if n < 4:
+        return nan
+    keep = np.concatenate(groups)
+    x, y = x[keep], y[keep]
+    starts = np.cumsum([0] + [len(g) for g in groups])
+    groups = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
+    rho = float(_pearson_rows(_centered_ranks(x, groups), _centered_ranks(y, groups)))
+    if not np.isfinite(rho):
+        return nan
+    rng = np.random.default_rng(seed)
+    boot = np.concatenate([rng.choice(g, (resamples, len(g))) for g in groups], axis=1)
+    rhos = _pearson_rows(_centered_ranks(x[boot], groups), _centered_ranks(y[boot], groups))
+    lo, hi = np.nanpercentile(rhos, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+    perm = np.concatenate([rng.permuted(np.tile(g, (resamples, 1)), axis=1) for g in groups], axis=1)
+    null = _pearson_rows(_centered_ranks(x, groups)[None], _centered_ranks(y[perm], groups))
+    p = (1 + np.sum(np.abs(null) >= abs(rho) - 1e-12)) / (1 + resamples)
+    return Correlation(n, rho, (float(lo), float(hi)), float(p), len(groups))
+
+
+def adjust(pvalues) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (``scipy.stats.false_discovery_control``) over the
+    finite entries; NaN stays NaN."""
+    p = np.asarray(pvalues, float)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = stats.false_discovery_control(p[ok], method="bh")
+    return out
