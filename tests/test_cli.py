@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import MNIST_DIR
+from conftest import MNIST_DIR, REQUIRE_MNIST
 
 from creditscape.cli import main
 from creditscape.config import ConfigError, load, resolve
@@ -126,7 +126,7 @@ def test_every_preset_resolves(name, isolated_home, tmp_path):
     if "smnist" in name:
         with pytest.raises(ConfigError, match="MNIST files not found"):
             load(preset=name, mnist_dir=str(tmp_path))
-        if not MNIST_DIR.is_dir():
+        if not MNIST_DIR.is_dir() and not REQUIRE_MNIST:
             pytest.skip("../shared/data/mnist is not beside the checkout")
     exp = load(preset=name, mnist_dir=str(MNIST_DIR) if "smnist" in name else None)
     assert len(exp.seeds) >= 5 and any(s.rule.name == "bptt" for s in exp.rules)
@@ -154,3 +154,22 @@ def test_listing_commands(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
     assert "cue_recall" in out and "delayed_match_sample" in out and "smnist" in out
+
+
+def test_two_iterations_of_smnist_through_the_command_line(tmp_path):
+    """Real MNIST files, the paper's network shape, every stage of a run (CI has the files)."""
+    if not MNIST_DIR.is_dir() and not REQUIRE_MNIST:
+        pytest.skip("../shared/data/mnist is not beside the checkout")
+    cfg = tmp_path / "smnist.toml"
+    cfg.write_text('name = "smnist-two"\nseeds = 2\nrules = ["bptt", {name = "eprop", form = "online"}]\n'
+                   '[task]\nname = "smnist"\nn_train = 64\nn_test = 32\nnoise_levels = [0.2]\n'
+                   '[model]\nn_rec = 16\nform = "rate"\nbias = false\n'
+                   '[train]\noptimizer = "sgd"\nlearning_rate = 0.01\nbatch_size = 16\nsteps = 2\neval_every = 1\n'
+                   '[measure]\ncurvature_batch = 16\nlanczos_steps = 4\ntrace_probes = 3\nslice_points = 3\n')
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--mnist-dir", str(MNIST_DIR), "--quiet"]) == 0
+    final = pd.read_parquet(out / "final.parquet")
+    assert len(final) == 4 and (final.diverged_at == -1).all() and final.task.eq("smnist").all()
+    assert {"perturbed[noise=0.2]_loss", "lambda_max", "trace"} <= set(final.columns)
+    assert sorted(pd.read_parquet(out / "history.parquet").step.unique()) == [0, 1, 2]
+    assert (out / "report.html").is_file()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR
+from conftest import MNIST_DIR, needs_mnist
 
 from creditscape.model import ModelConfig
 from creditscape.objective import check_scored_steps
@@ -16,7 +16,6 @@ from creditscape.tasks import (
 )
 
 MNIST = MNIST_DIR
-needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="canonical MNIST copy not present")
 GENERATED = [n for n in task_names() if n != "smnist"]
 
 
