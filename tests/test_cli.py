@@ -64,7 +64,10 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     assert (merged.eig1 >= merged.eig2).all()
     # ... and of the parameters saved at every evaluation (steps 0, 10, 20): the last ones are the final ones.
     assert main(["curvature", str(out), "--steps", "64", "--top", "1", "--trace-probes", "12", "--along-training"]) == 0
-    along = pd.read_parquet(out / "curvature.parquet")
+    along = pd.read_parquet(out / "curvature_along_training.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "curvature.parquet"), curv)  # not overwritten
+    assert (along.lanczos_steps == 64).all() and (along.l2 == 0.0).all()
+    assert (along.eig1_residual < 1e-3 * along.eig1.abs().max()).all()
     assert len(along) == 12 and sorted(set(along.step)) == [0, 10, 20]
     last = along[along.step == 20].merge(curv, on=["rule", "seed"], suffixes=("", "_final"))
     assert (abs(last.eig1 - last.eig1_final) <= 1e-4 * abs(last.eig1_final)).all()
@@ -121,7 +124,8 @@ def test_quick_preset_resolves():
     assert len(set(keys)) == len(keys) and exp.cells[0].model.dale_exc_fraction == 0.8
 
 
-@pytest.mark.parametrize("name", ["paper-neuro", "remedies", "paper-smnist", "paper-smnist-rules", "paper-smnist-leaky"])
+@pytest.mark.parametrize("name", ["paper-neuro", "paper-neuro-matched", "remedies", "paper-smnist", "paper-smnist-rules",
+                                  "paper-smnist-leaky", "paper-smnist-matched"])
 def test_every_preset_resolves(name, isolated_home, tmp_path):
     if "smnist" in name:
         with pytest.raises(ConfigError, match="MNIST files not found"):
@@ -140,6 +144,8 @@ def test_every_preset_resolves(name, isolated_home, tmp_path):
         spec.rule.check_model(exp.cells[0].model)
     keys = [s.rule.computation(exp.cells[0].model) for s in exp.rules]
     assert len(set(keys)) == len(keys)
+    if name.endswith("-matched"):
+        assert exp.cells[0].train.target_loss is not None
     if name == "paper-neuro":
         assert {c.task.name for c in exp.cells} == {"perceptual_decision", "delayed_match_sample", "context_decision"}
     if name == "remedies":

@@ -28,12 +28,20 @@ def test_hvp_and_lanczos_match_dense(form, block):
     np.testing.assert_allclose(H @ v1, dense[0] * v1, atol=1e-6 * abs(dense[0]))
 
 
-def test_l2_shifts_every_eigenvalue():
-    cfg = M.ModelConfig(3, 4, 2)
+@pytest.mark.parametrize("connectivity", [1.0, 0.6])
+def test_l2_shifts_every_eigenvalue_of_the_existing_weights(connectivity):
+    """Absent weights (here the diagonal, and a sparse mask) are directions of zero curvature,
+    with or without L2; on the existing ones L2 shifts every eigenvalue by its coefficient."""
+    cfg = M.ModelConfig(3, 4, 2, connectivity=connectivity)
     params, struct, batch, _ = draw(cfg, seed=4)
-    a = np.linalg.eigvalsh(dense_hessian(cfg, params, struct, batch, "w_rec"))
-    b = np.linalg.eigvalsh(dense_hessian(cfg, params, struct, batch, "w_rec", l2=0.5))
-    np.testing.assert_allclose(b, a + 0.5, atol=1e-10)
+    existing = np.asarray(struct.rec_mask).ravel() == 1
+    a = np.asarray(dense_hessian(cfg, params, struct, batch, "w_rec"))
+    b = np.asarray(dense_hessian(cfg, params, struct, batch, "w_rec", l2=0.5))
+    for h in (a, b):
+        np.testing.assert_array_equal(h[~existing], 0.0)
+        np.testing.assert_array_equal(h[:, ~existing], 0.0)
+    sub = np.ix_(existing, existing)
+    np.testing.assert_allclose(np.linalg.eigvalsh(b[sub]), np.linalg.eigvalsh(a[sub]) + 0.5, atol=1e-10)
 
 
 def test_vmapped_over_seeds_equals_per_seed():

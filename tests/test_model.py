@@ -73,6 +73,18 @@ def test_dale_structure_and_projection():
     assert np.all(projected[np.asarray(struct.rec_mask) == 0] == 0)
 
 
+def test_dale_initialization_is_balanced_and_keeps_he_variance():
+    """Expected input zero (E and I columns balance) and mean squared weight 2/N, as He's init."""
+    n = 400
+    cfg = M.ModelConfig(3, n, 2, dale_exc_fraction=0.8, self_connections=True)
+    params, struct = M.init(cfg, jax.random.PRNGKey(5), jnp.float64)
+    w = np.asarray(params.w_rec)
+    np.testing.assert_allclose(np.mean(w**2), 2.0 / n, rtol=0.03)
+    exc, inh = w[:, : cfg.n_exc], w[:, cfg.n_exc :]
+    np.testing.assert_allclose(exc.sum(1).mean() + inh.sum(1).mean(), 0.0, atol=0.05 * exc.sum(1).mean())
+    np.testing.assert_allclose(-inh.mean() / exc.mean(), 4.0, rtol=0.05)
+
+
 def test_from_tau_and_validation():
     cfg = M.ModelConfig.from_tau(tau=10.0, dt=1.0, n_in=1, n_rec=2, n_out=1)
     np.testing.assert_allclose(cfg.alpha, np.exp(-0.1))

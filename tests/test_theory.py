@@ -62,3 +62,37 @@ def test_gain_is_one_for_bptt_and_bounds():
     g_e, _ = estimate_on_block(get_rule("eprop"), cfg, params, struct, (), batch, "w_rec")
     rho_e = stability_check(lambda v: jacobian_vector_product(g_e, x0, v), eig.values[0], eig.vectors[0], 0.01).rho
     assert np.isfinite(rho_e) and not np.isclose(rho_e, 1.0)
+
+
+@pytest.mark.parametrize("name", ["eprop", "mdgl"])
+def test_jax_arnoldi_over_the_whole_space_gives_every_eigenvalue_of_the_dense_jacobian(name):
+    import jax.numpy as jnp
+
+    from creditscape.theory import arnoldi, ritz_values
+
+    cfg = M.ModelConfig(3, 5, 2, alpha=0.5, activation="tanh", self_connections=True, dale_exc_fraction=0.6)
+    params, struct, batch, _ = draw(cfg, seed=6, mask="every")
+    g, x0 = estimate_on_block(get_rule(name), cfg, params, struct, (), batch, "w_rec", l2=0.01)
+    dense = np.linalg.eigvals(np.asarray(dense_update_jacobian(g, x0)))
+    start = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+    hess = jax.jit(lambda v: arnoldi(lambda u: jacobian_vector_product(g, x0, u), v, x0.shape[0]))(start)
+    ritz = ritz_values(hess)
+    assert len(ritz) == len(dense) and np.all(np.abs(ritz[:-1]) >= np.abs(ritz[1:]))
+    np.testing.assert_allclose(np.sort_complex(ritz), np.sort_complex(dense), rtol=1e-7, atol=1e-9)
+    # Vmapped over a stack of start vectors: the same matrices as one at a time.
+    starts = jnp.stack([start, 2.0 * start + 1.0])
+    stacked = jax.vmap(lambda v: arnoldi(lambda u: jacobian_vector_product(g, x0, u), v, 6))(starts)
+    for i in range(2):
+        one = arnoldi(lambda u: jacobian_vector_product(g, x0, u), starts[i], 6)
+        np.testing.assert_allclose(stacked[i], one, rtol=1e-10, atol=1e-12)
+
+
+def test_arnoldi_stops_at_an_invariant_subspace():
+    import jax.numpy as jnp
+
+    from creditscape.theory import arnoldi, ritz_values
+
+    a = jnp.diag(jnp.array([3.0, -2.0, 0.5, 0.0, 0.0, 0.0]))
+    start = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # lives in a 3-dimensional invariant subspace
+    ritz = ritz_values(arnoldi(lambda v: a @ v, start, 6))
+    np.testing.assert_allclose(ritz, [3.0, -2.0, 0.5], atol=1e-12)

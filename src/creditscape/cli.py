@@ -42,14 +42,16 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_curvature(args) -> int:
-    from creditscape.experiment import measure_saved
+    from creditscape.experiment import curvature_table_name, measure_saved
+    from creditscape.report.document import spread
 
     table = measure_saved(args.run_dir, block=args.block, steps=args.steps, top=args.top,
                           trace_probes=args.trace_probes, along_training=args.along_training,
                           mnist_dir=args.mnist_dir)
     last = table[table.step == table.step.max()] if args.along_training else table
-    print(last.groupby(["task", "condition"], sort=False)[["eig1", "trace"]].agg(["mean", "std"]).to_string())
-    print(f"\nWritten: {args.run_dir}/curvature.parquet")
+    print("median [first quartile, third quartile] over runs" + (", last step" if args.along_training else ""))
+    print(last.groupby(["task", "condition"], sort=False)[["eig1", "eig1_residual", "trace"]].agg(spread).to_string())
+    print(f"\nWritten: {args.run_dir}/{curvature_table_name(args.along_training)}")
     return 0
 
 

@@ -60,7 +60,8 @@ class MeasureConfig:
     Hutch++ trace; ``slice_points``/``slice_radius``: the final filter-normalized loss slices
     (coordinates in [-radius, radius]); ``sharpness_scale``: relative scale of the final random
     weight perturbations (expected loss increase, antithetic pairs); ``save_trajectory``: keep the parameters at every
-    evaluation so that ``creditscape curvature`` can measure them later."""
+    evaluation so that ``creditscape curvature`` can measure them later; ``arnoldi_steps``: Arnoldi
+    iterations for the leading eigenvalues μ of ηĴ of the final networks (the rule's update map)."""
 
     curvature_block: str = "w_rec"
     curvature_batch: int = 256
@@ -71,11 +72,13 @@ class MeasureConfig:
     slice_radius: float = 1.0
     sharpness_scale: float = 0.05
     save_trajectory: bool = True
+    arnoldi_steps: int = 20
 
     def __post_init__(self):
         if self.curvature_block not in ("all", "recurrent", "w_rec"):
             raise ValueError(f"measure.curvature_block: expected all, recurrent or w_rec, got {self.curvature_block!r}.")
-        for name in ("curvature_batch", "lanczos_steps", "trace_probes", "slice_points", "slice_radius", "sharpness_scale"):
+        for name in ("curvature_batch", "lanczos_steps", "trace_probes", "slice_points", "slice_radius", "sharpness_scale",
+                     "arnoldi_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"measure.{name}: must be > 0, got {getattr(self, name)!r}.")
 

@@ -7,6 +7,11 @@ Blocks: ``"all"`` (every parameter), ``"recurrent"`` (W_in, W_rec, b, s0) or ``"
 alone, what the paper's released code measured). The loss is the exact loss L(θ) of a fixed
 batch without noise, plus the L2 term λ·½‖W‖² when ``l2`` is given (it shifts every eigenvalue of
 a block made of penalized weights by λ).
+
+Structurally absent recurrent weights (the diagonal without self-connections, a sparse mask) are
+not weights of the network: the loss does not depend on them, and neither does the L2 term here,
+so they are directions of zero curvature that add nothing to a trace (rather than eigenvalues
+equal to the L2 coefficient).
 """
 
 from __future__ import annotations
@@ -51,9 +56,14 @@ def block_loss(
     def f(x):
         p = _insert(params, block, unravel(x))
         loss = exact_loss(cfg, p, struct, batch)
-        return loss + l2 * l2_penalty(p) if l2 else loss
+        return loss + l2 * l2_penalty(existing_weights(p, struct)) if l2 else loss
 
     return f, x0
+
+
+def existing_weights(params: Params, struct: Structure) -> Params:
+    """``params`` with W_rec ⊙ mask: the absent recurrent weights set to zero."""
+    return params._replace(w_rec=params.w_rec * struct.rec_mask)
 
 
 def hvp(f: Callable[[jax.Array], jax.Array], x: jax.Array, v: jax.Array) -> jax.Array:
@@ -109,17 +119,22 @@ def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int):
 def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1) -> Eigen:
     """Top-k (largest algebraic, signed) eigenpairs of a symmetric operator from ``steps``
     Lanczos iterations (``steps`` mat-vecs). A warm start ``v0`` (e.g. the previous top
-    eigenvector) converges faster."""
+    eigenvector) converges faster. Values beyond the dimension of an exhausted Krylov space are
+    NaN."""
     if not 1 <= k <= steps:
         raise ValueError(f"lanczos: need 1 <= k ({k}) <= steps ({steps}).")
     tri, basis = lanczos_tridiagonal(matvec, v0, steps)
-    vals, vecs = jnp.linalg.eigh(tri)
+    # LAPACK's eigensolver can loop forever on NaN input: a non-finite operator gives NaN instead.
+    finite = jnp.all(jnp.isfinite(tri))
+    vals, vecs = jnp.linalg.eigh(jnp.where(finite, tri, 0.0))
+    vals = jnp.where(finite, vals, jnp.nan)
     # After an exhausted Krylov space T is block diagonal with a zero block; its eigenvalues
     # (zeros) are not Ritz values and rank last.
     live = jnp.linalg.norm(basis, axis=1) > 0
     ritz = jnp.sum(jnp.where(live[:, None], vecs**2, 0.0), axis=0) > 0.5
     order = jnp.argsort(-jnp.where(ritz, vals, -jnp.inf))[:k]
-    return Eigen(vals[order], vecs[:, order].T @ basis)
+    # Fewer than k Ritz values (an exhausted space): the missing ones are unknown, not zero.
+    return Eigen(jnp.where(ritz[order], vals[order], jnp.nan), vecs[:, order].T @ basis)
 
 
 class PowerResult(NamedTuple):

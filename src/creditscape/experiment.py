@@ -37,11 +37,12 @@ from creditscape import __version__
 from creditscape._files import atomic_write_bytes, load_arrays, save_arrays
 from creditscape.config import Cell, Experiment, RuleSpec, resolve, resolved_dict
 from creditscape.curvature import block_loss, hutch_plus_plus, hvp, lanczos
+from creditscape.theory import arnoldi, estimate_on_block, jacobian_vector_product, ritz_values
 from creditscape.model import Params, Structure
 from creditscape.objective import Batch
 from creditscape.sharpness import filter_normalized_direction, loss_slice, random_sharpness
 from creditscape.tasks import make_splits
-from creditscape.train import Checkpoint, CurvatureProbe, to_device, train_ensemble
+from creditscape.train import Checkpoint, CurvatureProbe, learning_rate_multiplier, to_device, train_ensemble
 
 
 def environment() -> dict:
@@ -80,8 +81,9 @@ def _curvature_batch(exp: Experiment, splits) -> Batch:
 def make_final_measurements(exp: Experiment, cell: Cell, batch: Batch):
     """Compiled, for all members of a run of ``cell`` at once: (params, structs, seeds) → per
     member, on the curvature batch, the Hutch++ trace (± standard error) of the Hessian block,
-    random-perturbation sharpness, and filter-normalized 1-D and 2-D loss slices. Built once per
-    cell, it compiles once for all the cell's rules."""
+    λ_max of all parameters (Lanczos, with its residual), random-perturbation sharpness, and
+    filter-normalized 1-D and 2-D loss slices. Built once per cell, it compiles once for all the
+    cell's rules."""
     m = exp.measure
     l2 = cell.train.l2 if m.l2_in_curvature else 0.0
     c1 = jnp.linspace(-m.slice_radius, m.slice_radius, m.slice_points, dtype=batch.x.dtype)
@@ -95,12 +97,18 @@ def make_final_measurements(exp: Experiment, cell: Cell, batch: Batch):
         k_trace, k_sharp, k_d1, k_d2 = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 7), 4)
         f, x0 = block_loss(cell.model, params, struct, batch, m.curvature_block, l2)
         tr = hutch_plus_plus(lambda v: hvp(f, x0, v), x0.shape[0], m.trace_probes, k_trace, x0.dtype)
+        f_all, x_all = block_loss(cell.model, params, struct, batch, "all", l2)
+        top = lanczos(lambda v: hvp(f_all, x_all, v), jax.random.normal(k_trace, x_all.shape, x_all.dtype),
+                      min(m.lanczos_steps, x_all.shape[0]))
+        v1 = top.vectors[0] / jnp.linalg.norm(top.vectors[0])
         sharp = random_sharpness(cell.model, params, struct, batch, m.sharpness_scale, key=k_sharp)
         d1 = filter_normalized_direction(params, struct, k_d1)
         d2 = filter_normalized_direction(params, struct, k_d2)
         s1 = loss_slice(cell.model, params, struct, batch, (d1,), c1[:, None])
         s2 = loss_slice(cell.model, params, struct, batch, (d1, d2), grid2).reshape(n2, n2)
         return {"trace": tr.value, "trace_stderr": tr.stderr, "sharpness_random": sharp.value,
+                "lambda_max_all": top.values[0],
+                "lambda_max_all_residual": jnp.linalg.norm(hvp(f_all, x_all, v1) - top.values[0] * v1),
                 "slice1d": s1, "slice2d": s2}
 
     def final_measurements(params: Params, structs: Structure, seeds) -> dict:
@@ -109,6 +117,39 @@ def make_final_measurements(exp: Experiment, cell: Cell, batch: Batch):
                 "slice2d_coords": np.asarray(c2)}
 
     return final_measurements
+
+
+TOP_MU = 3  # leading eigenvalues μ of ηĴ recorded per network
+
+
+def update_map_eigenvalues(exp: Experiment, cell: Cell, spec: RuleSpec, batch: Batch, result, seeds, lrs) -> dict:
+    """The leading eigenvalues μ of η(T)Ĵ of every final network (Arnoldi on the rule's update-map
+    Jacobian, curvature block and batch; η(T) the member's learning rate at the end of its
+    schedule), by decreasing modulus, and whether every one satisfies the stability condition of
+    plain SGD, |1 − μ| < 1 (NaN under momentum or Adam, whose update maps are not I − ηĴ)."""
+    m = exp.measure
+    l2 = cell.train.l2 if m.l2_in_curvature else 0.0
+    tcfg = spec.train_config(cell.train)
+
+    @jax.jit
+    @jax.vmap
+    def hessenberg(params, struct, rule_state, seed):
+        g, x0 = estimate_on_block(spec.rule, cell.model, params, struct, rule_state, batch, m.curvature_block, l2,
+                                  form=spec.form)
+        start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 11), x0.shape, x0.dtype)
+        return arnoldi(lambda v: jacobian_vector_product(g, x0, v), start, min(m.arnoldi_steps, x0.shape[0]))
+
+    hess = np.asarray(hessenberg(result.params, result.structs, result.rule_states, jnp.asarray(seeds)))
+    eta_end = np.asarray(lrs, float) * float(learning_rate_multiplier(tcfg)(tcfg.steps - 1))
+    mu = np.full((len(seeds), TOP_MU), np.nan, complex)
+    for i, h in enumerate(hess):
+        ritz = ritz_values(h)[:TOP_MU] if np.isfinite(h).all() else np.zeros(0)
+        mu[i, :len(ritz)] = eta_end[i] * ritz
+    plain_sgd = tcfg.optimizer == "sgd" and not tcfg.momentum
+    stable = np.where(np.isnan(mu).all(1) | (not plain_sgd), np.nan,
+                      np.all((np.abs(1 - mu) < 1) | np.isnan(mu), axis=1).astype(float))
+    return {"final/mu_re": mu.real, "final/mu_im": mu.imag, "final/update_map_stable": stable,
+            "final/eta_end": eta_end}
 
 
 def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, final_measurements, path: Path,
@@ -128,6 +169,7 @@ def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, fina
     )
     measure_start = time.perf_counter()
     final = final_measurements(result.params, result.structs, seeds)
+    final.update(update_map_eigenvalues(exp, cell, spec, batch, result, seeds, lrs))
     measure_time = float(result.eval_seconds.sum()) + time.perf_counter() - measure_start
     out = {
         "seeds": np.asarray(seeds), "learning_rates": np.asarray(lrs),
@@ -191,7 +233,11 @@ def _tables(exp: Experiment, runs: dict[tuple[int, int], dict]):
                    "reached_at": int(r["reached_at"][mi]),
                    "train_seconds": float(r["train_seconds"]) / len(r["seeds"])}
             row.update({k[5:]: float(r[k][mi, -1]) for k in r if k.startswith("eval/")})
-            row.update({k[6:]: float(r[k][mi]) for k in ("final/trace", "final/trace_stderr", "final/sharpness_random")})
+            row.update({k[6:]: float(r[k][mi]) for k in ("final/trace", "final/trace_stderr", "final/sharpness_random",
+                                                         "final/lambda_max_all", "final/lambda_max_all_residual",
+                                                         "final/update_map_stable", "final/eta_end")})
+            for j in range(TOP_MU):
+                row[f"mu{j + 1}_re"], row[f"mu{j + 1}_im"] = float(r["final/mu_re"][mi, j]), float(r["final/mu_im"][mi, j])
             row["gap_loss"] = row["test_loss"] - row["train_loss"]
             row["gap_accuracy"] = row["train_accuracy"] - row["test_accuracy"]
             final_rows.append(row)
@@ -283,7 +329,9 @@ def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30,
     (Lanczos, ``steps`` HVPs) and the Hutch++ trace with its standard error (``trace_probes``
     HVPs), on the block and curvature batch of the experiment's config, all members of a run in
     one compiled call. The final networks, or with ``along_training`` the parameters saved at
-    every evaluation (``measure.save_trajectory``). Writes ``curvature.parquet`` and returns it."""
+    every evaluation (``measure.save_trajectory``). Each row records the Lanczos steps and the L2
+    coefficient used and the residual ‖Hv₁ − λ₁v₁‖ of the top pair. Writes ``curvature.parquet``
+    (``curvature_along_training.parquet`` with ``along_training``) and returns it."""
     run_dir = Path(run_dir)
     raw_path = run_dir / "config.input.json"
     if not raw_path.is_file():
@@ -301,8 +349,10 @@ def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30,
             k1, k2 = jax.random.split(key)
             n = min(steps, x0.shape[0])
             eig = lanczos(lambda v: hvp(f, x0, v), jax.random.normal(k1, x0.shape, x0.dtype), n, min(top, n))
+            v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
+            residual = jnp.linalg.norm(hvp(f, x0, v1) - eig.values[0] * v1)
             tr = hutch_plus_plus(lambda v: hvp(f, x0, v), x0.shape[0], trace_probes, k2, x0.dtype)
-            return eig.values, tr.value, tr.stderr
+            return eig.values, residual, tr.value, tr.stderr
 
         for ri, spec in enumerate(exp.rules):
             path = run_dir / "runs" / f"{_slug(cell, ri, spec)}.npz"
@@ -321,14 +371,20 @@ def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30,
             else:
                 networks = [(int(run["eval_steps"][-1]), _stacked(run, "params", Params))]
             for step, params in tqdm(networks, desc=spec.label, leave=False, disable=len(networks) == 1):
-                vals, trace, err = (np.asarray(a) for a in measure(params, struct, keys))
+                vals, residual, trace, err = (np.asarray(a) for a in measure(params, struct, keys))
                 for mi, seed in enumerate(run["seeds"].tolist()):
                     lr = float(run["learning_rates"][mi])
                     row = {**_member_columns(exp, cell, spec, seed, lr), "step": step, "block": block,
+                           "lanczos_steps": steps, "l2": l2, "eig1_residual": float(residual[mi]),
                            "trace": float(trace[mi]), "trace_stderr": float(err[mi]),
                            "diverged_at": int(run["diverged_at"][mi])}
                     row.update({f"eig{j + 1}": float(v) for j, v in enumerate(vals[mi])})
                     rows.append(row)
     table = pd.DataFrame(rows)
-    atomic_write_bytes(run_dir / "curvature.parquet", lambda f: table.to_parquet(f, index=False))
+    atomic_write_bytes(run_dir / curvature_table_name(along_training), lambda f: table.to_parquet(f, index=False))
     return table
+
+
+def curvature_table_name(along_training: bool) -> str:
+    """Where :func:`measure_saved` writes: the final networks and the trajectory have their own tables."""
+    return "curvature_along_training.parquet" if along_training else "curvature.parquet"

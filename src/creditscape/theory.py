@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse.linalg as spla
 from jax.flatten_util import ravel_pytree
 
-from creditscape.curvature import _insert, _select
+from creditscape.curvature import _insert, _select, existing_weights
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, l2_gradient
 from creditscape.rules import Rule, rule_gradient
@@ -44,7 +44,7 @@ def estimate_on_block(
         p = _insert(params, block, unravel(x))
         _, grads = rule_gradient(rule, cfg, p, struct, rule_state, batch, form=form)
         if l2:
-            grads = jax.tree.map(lambda a, b: a + l2 * b, grads, l2_gradient(p))
+            grads = jax.tree.map(lambda a, b: a + l2 * b, grads, l2_gradient(existing_weights(p, struct)))
         return ravel_pytree(_select(grads, block))[0]
 
     return g, x0
@@ -73,6 +73,51 @@ def leading_eigenvalues(matvec: Callable, dim: int, k: int = 6, *, seed: int = 0
         v0 = np.random.default_rng(seed).standard_normal(dim)
         vals = spla.eigs(op, k=k, which="LR", v0=v0, return_eigenvectors=False, tol=1e-10)
     return vals[np.argsort(-vals.real)][:k]
+
+
+def arnoldi(matvec: Callable, v0: jax.Array, steps: int) -> jax.Array:
+    """The (steps × steps) upper Hessenberg matrix Qᵀ A Q of ``steps`` Arnoldi iterations (full
+    re-orthogonalization, two passes), in JAX so that ``vmap`` runs it for a whole ensemble. Its
+    eigenvalues (:func:`ritz_values`) approximate the outermost eigenvalues of A; with ``steps``
+    equal to the dimension they are all of them. An exhausted Krylov space stops the iteration:
+    later rows and columns are zero."""
+    dim = v0.shape[0]
+    if not 1 <= steps <= dim:
+        raise ValueError(f"arnoldi: need 1 <= steps ({steps}) <= dim ({dim}).")
+    basis = jnp.zeros((steps + 1, dim), v0.dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+    hess = jnp.zeros((steps + 1, steps), v0.dtype)
+
+    def body(j, carry):
+        basis, hess = carry
+        w = matvec(basis[j])
+        scale = jnp.linalg.norm(w)
+        mask = (jnp.arange(steps + 1) <= j).astype(v0.dtype)[:, None]
+        h = jnp.zeros((steps + 1,), v0.dtype)
+        for _ in range(2):
+            c = (mask * basis) @ w
+            w = w - (mask * basis).T @ c
+            h = h + c
+        b = jnp.linalg.norm(w)
+        broken = (b <= 100 * jnp.finfo(v0.dtype).eps * scale) | (jnp.linalg.norm(basis[j]) == 0)
+        hess = hess.at[:, j].set(jnp.where(jnp.linalg.norm(basis[j]) == 0, 0.0, h.at[j + 1].set(jnp.where(broken, 0.0, b))))
+        basis = basis.at[j + 1].set(jnp.where(broken, 0.0, w / jnp.where(broken, 1.0, b)))
+        return basis, hess
+
+    _, hess = jax.lax.fori_loop(0, steps, body, (basis, hess))
+    return hess[:steps]
+
+
+def ritz_values(hessenberg: np.ndarray) -> np.ndarray:
+    """Eigenvalues of an Arnoldi Hessenberg matrix over its live part (before an exhausted Krylov
+    space), by decreasing modulus."""
+    h = np.asarray(hessenberg, float)
+    live = len(h)
+    for j in range(len(h) - 1):
+        if h[j + 1, j] == 0:
+            live = j + 1
+            break
+    vals = np.linalg.eigvals(h[:live, :live])
+    return vals[np.argsort(-np.abs(vals))]
 
 
 class StabilityCheck(NamedTuple):

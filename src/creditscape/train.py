@@ -213,7 +213,8 @@ def make_chunk(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
 
 
 class CurvatureProbe(NamedTuple):
-    """λ_max and the rule's gain ρ measured at every evaluation (DESIGN.md §4–5).
+    """λ_max (with its Lanczos residual ‖Hv₁ − λ₁v₁‖ and the gap λ₁ − λ₂ to the next eigenvalue)
+    and the rule's gain ρ measured at every evaluation (DESIGN.md §4–5).
 
     batch: fixed evaluation batch (the exact loss, no noise); block: ``"all"``, ``"recurrent"``
     or ``"w_rec"``; l2: L2 coefficient included in the Hessian; steps: Lanczos iterations, warm
@@ -224,6 +225,15 @@ class CurvatureProbe(NamedTuple):
     block: str = "w_rec"
     l2: float = 0.0
     steps: int = 30
+
+
+ADAM_B1 = 0.9  # optax.adam's default, which make_optimizer uses
+
+
+def adam_edge(learning_rate):
+    """The stability threshold (2 + 2β₁)/((1 − β₁)η) of Adam's preconditioned sharpness (38/η for
+    β₁ = 0.9; Cohen et al., "Adaptive gradient methods at the edge of stability", 2022)."""
+    return (2 + 2 * ADAM_B1) / ((1 - ADAM_B1) * learning_rate)
 
 
 def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: CurvatureProbe | None = None) -> Callable:
@@ -241,11 +251,15 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
         out["alignment_recurrent"] = al.cosine_recurrent
         if probe is not None:
             f, x0 = block_loss(cfg, params, struct, probe.batch, probe.block, probe.l2)
-            eig = lanczos(lambda v: hvp(f, x0, v), v0, min(probe.steps, x0.shape[0]))
+            steps = min(probe.steps, x0.shape[0])
+            eig = lanczos(lambda v: hvp(f, x0, v), v0, steps, min(2, steps))
             g, _ = estimate_on_block(rule, cfg, params, struct, rule_state, probe.batch, probe.block, probe.l2,
                                      form=form)
             v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
             out["lambda_max"] = eig.values[0]
+            # How far the pair is from converged, and whether v₁ (hence ρ) is well defined.
+            out["lambda_residual"] = jnp.linalg.norm(hvp(f, x0, v1) - eig.values[0] * v1)
+            out["lambda_gap"] = eig.values[0] - eig.values[-1] if steps > 1 else jnp.full((), jnp.nan, x0.dtype)
             out["rho"] = jnp.vdot(v1, jacobian_vector_product(g, x0, v1)) / eig.values[0]
             out["v1"] = v1
         return out
@@ -362,6 +376,10 @@ def train_ensemble(
         v = jax.random.normal(jax.random.PRNGKey(len(seeds)), (len(seeds), dim), train_set.x.dtype)
     else:
         v = jnp.zeros((len(seeds), 1), train_set.x.dtype)
+    # Warm start of the next Lanczos: the last v₁ plus a tenth of the first (random) start, so that
+    # the Krylov space also holds other directions (from v₁ alone it would be exhausted at once on
+    # an unchanged network, and λ₂ unknown).
+    v_random = 0.1 * v / jnp.linalg.norm(v, axis=1, keepdims=True)
     seconds, evals, losses, trajectory = [], [], [], []
 
     def record(states):
@@ -370,7 +388,7 @@ def train_ensemble(
         out = jax.device_get(evaluator(states.params, structs, rule_states, eval_sets, align_batch, v))
         seconds.append(time.perf_counter() - start)
         if probe is not None:
-            v = jnp.asarray(out.pop("v1"))  # warm start for the next evaluation
+            v = jnp.asarray(out.pop("v1")) + v_random
         evals.append(out)
         if keep_trajectory:
             trajectory.append(jax.device_get(states.params))

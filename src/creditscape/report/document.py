@@ -16,7 +16,8 @@ from creditscape.report import figures as F
 
 SIGNIFICANCE = 0.05  # on Benjamini–Hochberg adjusted p-values
 FIT_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "gap_loss", "perturbed_gap")
-CURVATURE_COLUMNS = ("lambda_max", "lambda_max_all", "trace", "rho", "sharpness_random", "alignment_recurrent")
+CURVATURE_COLUMNS = ("lambda_max", "lambda_residual", "lambda_gap", "lambda_max_all", "trace", "rho", "sharpness_random",
+                     "alignment_recurrent")
 
 
 def number(x, digits: int = 3) -> str:
@@ -35,7 +36,11 @@ def _signed(x) -> str:
     return ("+" if float(x) > 0 else "") + number(x)
 
 
-def _spread(values) -> str:
+def _complex(re: float, im: float) -> str:
+    return number(re) if im == 0 else f"{number(re)} {'+' if im > 0 else '−'} {number(abs(im))}i"
+
+
+def spread(values) -> str:
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
     if not len(v):
@@ -51,7 +56,7 @@ def summary_table(final: pd.DataFrame, columns=FIT_COLUMNS + CURVATURE_COLUMNS) 
     rows = []
     for (task, cond), g in final.groupby(["task", "condition"], sort=False):
         row = {"task": task, "condition": cond, "runs": len(g), "diverged": int((g.diverged_at >= 0).sum())}
-        row.update({c: _spread(A.ok(g)[c]) for c in columns if c in final})
+        row.update({c: spread(A.ok(g)[c]) for c in columns if c in final})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -172,8 +177,37 @@ def _matched_table(matched: pd.DataFrame) -> pd.DataFrame:
         hit = g[g.reached]
         row = {"condition": cond, "L*": number(g.level.iloc[0]), "reached": f"{len(hit)}/{len(g)}"}
         for c in ("step", "train_loss", "train_accuracy", "test_loss", "gap_loss", "perturbed_gap", "lambda_max"):
-            row[c] = _spread(hit[c]) if len(hit) and c in hit else "—"
+            row[c] = spread(hit[c]) if len(hit) and c in hit else "—"
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _theory_table(final: pd.DataFrame) -> pd.DataFrame:
+    """Per condition, the stability theory of DESIGN.md §5 against what was measured at the end:
+    the edge 2(1+β)/η(T) of the condition's optimizer at its final step size, the rule's predicted
+    bound 2(1+β)/(η(T)ρ), the measured λ_max, the top eigenvalue μ₁ of η(T)Ĵ, and in how many runs
+    every recorded μ satisfies |1 − μ| < 1 (plain SGD only)."""
+    if "eta_end" not in final:
+        return pd.DataFrame()
+    rows = []
+    for cond, g in A.ok(final).groupby("condition", sort=False):
+        sgd = (g.optimizer == "sgd").all()
+        edge = 2 * (1 + g.momentum) / g.eta_end
+        bound = np.where(g.rho > 0, edge / g.rho.where(g.rho > 0, 1.0), np.inf)
+        below = int(np.sum(g.lambda_max.to_numpy(float) < bound))
+        none = pd.Series(np.nan, index=g.index)  # columns that are NaN everywhere were dropped
+        stable = g.get("update_map_stable", none).dropna()
+        mu = g.get("mu1_re", none).to_numpy(float) + 1j * g.get("mu1_im", none).to_numpy(float)
+        mu = mu[np.isfinite(mu)]
+        rows.append({
+            "condition": cond, "λ_max (measured)": spread(g.lambda_max),
+            "edge 2(1+β)/η(T)": spread(edge) if sgd else "— (Adam)",
+            "predicted bound 2(1+β)/(η(T)ρ)": spread(bound) if sgd else "— (Adam)",
+            "λ_max below the bound": f"{below}/{len(g)}" if sgd else "—",
+            "μ₁ of η(T)Ĵ (median)": _complex(np.median(mu.real), np.median(mu.imag)) if len(mu) and sgd else "—",
+            "runs with abs(1 − μ) < 1 for the top μ": f"{int(stable.sum())}/{len(stable)}" if len(stable)
+            else "— (not plain SGD)",
+        })
     return pd.DataFrame(rows)
 
 
@@ -315,6 +349,7 @@ def write_report(folder: str | Path) -> Path:
              if len(a["matched"]) else pd.DataFrame()),
             ("Each condition against BPTT", _contrast_table(a["contrasts"])),
             ("Curvature against the gaps", _correlation_table(a["correlations"])),
+            ("Stability theory at the end", _theory_table(A.counted(a["final"])[0])),
         ]
         findings = _findings(a, target)
         setup = _setup(cell, config)

@@ -87,49 +87,57 @@ def loss_curves(final, history, figs, prefix, palette, conditions):
     return [("Training and test loss", _save(fig, figs, f"{prefix}loss"))]
 
 
-def edge_of_stability(final: pd.DataFrame, cond: str, steps: np.ndarray) -> tuple[np.ndarray, str] | None:
-    """The edge λ_max = 2(1 + β)/η(t) of a condition's own SGD optimizer and schedule along
-    ``steps``, and its name; None for Adam (its edge concerns the preconditioned Hessian)."""
-    from creditscape.train import TrainConfig, learning_rate_multiplier
+def edge_of_stability(final: pd.DataFrame, cond: str, steps: np.ndarray) -> tuple[np.ndarray, str, str]:
+    """The stability edge of a condition's own optimizer and schedule along ``steps``: (values, its
+    name, the quantity it bounds). SGD with momentum β: λ_max < 2(1 + β)/η(t). Adam: the
+    preconditioned sharpness λ₁(P⁻¹H) < (2 + 2β₁)/((1 − β₁)η(t)) = 38/η(t) (Cohen et al. 2022)."""
+    from creditscape.train import TrainConfig, adam_edge, learning_rate_multiplier
 
     row = final[final.condition == cond].iloc[0]
-    if row.optimizer != "sgd":
-        return None
-    tcfg = TrainConfig(optimizer="sgd", schedule=row.schedule, boost_at=float(row.boost_at),
+    tcfg = TrainConfig(optimizer=row.optimizer, schedule=row.schedule, boost_at=float(row.boost_at),
                        boost_factor=float(row.boost_factor), steps=int(row.steps), eval_every=int(row.steps))
-    m = np.asarray([float(learning_rate_multiplier(tcfg)(int(s))) for s in steps])
+    eta = float(row.learning_rate) * np.asarray([float(learning_rate_multiplier(tcfg)(int(s))) for s in steps])
+    if row.optimizer == "adam":
+        return adam_edge(eta), "38/η(t)", "preconditioned_sharpness"
     beta = float(row.momentum)
-    return 2 * (1 + beta) / (float(row.learning_rate) * m), ("2(1+β)/η(t)" if beta else "2/η(t)")
+    return 2 * (1 + beta) / eta, ("2(1+β)/η(t)" if beta else "2/η(t)"), "lambda_max"
 
 
 def sharpness_along_training(final, history, figs, prefix, palette, conditions, block):
     if not _has(history, "lambda_max"):
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    _per_condition(axes[0], history, "lambda_max", palette, conditions, band=False)
-    _per_condition(axes[1], history, "rho", palette, conditions, band=False)
+    quantities = ["lambda_max"] + (["preconditioned_sharpness"] if _has(history, "preconditioned_sharpness") else [])
+    fig, axes = plt.subplots(1, len(quantities) + 1, figsize=(5.5 * (len(quantities) + 1), 4))
+    panel = dict(zip(quantities, axes))
+    for q, ax in panel.items():
+        _per_condition(ax, history, q, palette, conditions, band=False)
+    _per_condition(axes[-1], history, "rho", palette, conditions, band=False)
     drawn = set()
     for c in conditions:
         steps = np.sort(history.loc[history.condition == c, "step"].unique())
-        edge = edge_of_stability(final, c, steps) if len(steps) else None
-        if edge is None:
+        if not len(steps):
             continue
-        values, name = edge
-        if (name, tuple(values)) not in drawn:  # the edge of plain gradient descent at this η(t)
-            axes[0].step(steps, values, where="post", color="gray", ls="--", lw=1)
+        values, name, quantity = edge_of_stability(final, c, steps)
+        if quantity not in panel:
+            continue
+        if (name, tuple(values)) not in drawn:  # the optimizer's own edge at its step size η(t)
+            panel[quantity].step(steps, values, where="post", color="gray", ls="--", lw=1)
+            panel[quantity].annotate(name, (steps[-1], values[-1]), fontsize=7, ha="right", va="bottom")
             drawn.add((name, tuple(values)))
         rho = ok(final[final.condition == c]).rho.median() if "rho" in final else np.nan
-        if np.isfinite(rho) and rho > 0:  # the rule's predicted bound with its final ρ
-            axes[0].step(steps, values / rho, where="post", color=palette[c], ls=":", lw=1)
-    _symlog(axes[0], history.lambda_max)
-    adam = (final.optimizer != "sgd").any()
-    title = "Sharpness along training"
-    if drawn:
-        title += " (dashed: 2(1+β)/η(t), dotted: ÷ρ per rule)"
-    if adam:
-        title += "\n(Adam: no 2/η edge applies to λ_max)"
-    axes[0].set(xlabel="iteration", ylabel=f"λ_max of {block} (median)", title=title)
-    axes[1].set(xlabel="iteration", ylabel="ρ = v₁ᵀĴv₁ / λ₁ (median)", title="Rule gain along the top eigenvector")
+        if quantity == "lambda_max" and np.isfinite(rho) and rho > 0:  # the rule's predicted bound
+            panel[quantity].step(steps, values / rho, where="post", color=palette[c], ls=":", lw=1)
+    for q, ax in panel.items():
+        _symlog(ax, history[q])
+    title = "λ_max along training (dashed: 2(1+β)/η(t); dotted: ÷ρ per rule)"
+    if (final.optimizer == "adam").any() and len(quantities) == 1:
+        title = "λ_max along training (Adam: no edge applies to λ_max)"
+    if len(quantities) > 1:
+        title = "λ_max along training (Adam has no edge for it)"
+        panel["preconditioned_sharpness"].set(xlabel="iteration", ylabel="λ₁(P⁻¹H), Adam's P (median)",
+                                              title="Preconditioned sharpness (dashed: 38/η(t))")
+    panel["lambda_max"].set(xlabel="iteration", ylabel=f"λ_max of {block} (median)", title=title)
+    axes[-1].set(xlabel="iteration", ylabel="ρ = v₁ᵀĴv₁ / λ₁ (median)", title="Rule gain along the top eigenvector")
     _legend(fig, axes[0])
     return [("Sharpness and gain along training", _save(fig, figs, f"{prefix}sharpness_along_training"))]
 
