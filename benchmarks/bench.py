@@ -311,7 +311,7 @@ def main():
     sets = {name: Batch(*(a[i * 1024:(i + 1) * 1024] for a in train)) for i, name in enumerate(("train", "test", "noisy"))}
     v0 = jax.random.normal(jax.random.PRNGKey(2), (8, N * N))
     t_eval = timed(evaluator, states.params, structs, rs, sets, Batch(*(a[:64] for a in train)), v0,
-                   repeats=repeats)
+                   states.opt_state, repeats=repeats)
     results["measurement_checkpoint_ms_8_seeds"] = 1e3 * t_eval
     print(f"one measurement checkpoint, 8 seeds: {1e3 * t_eval:.0f} ms = {t_eval / (8 * bptt):.1f} training steps "
           f"per seed")

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from conftest import MNIST_DIR, REQUIRE_MNIST
 
+from creditscape._files import exclusive
 from creditscape.cli import main
 from creditscape.config import ConfigError, load, resolve
 
@@ -71,10 +72,45 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     assert len(along) == 12 and sorted(set(along.step)) == [0, 10, 20]
     last = along[along.step == 20].merge(curv, on=["rule", "seed"], suffixes=("", "_final"))
     assert (abs(last.eig1 - last.eig1_final) <= 1e-4 * abs(last.eig1_final)).all()
-    # A different configuration in the same folder is refused.
+    # ... and on the whole training set (32 sequences, two chunks of the 16-sequence curvature
+    # batch), against the dense Hessian of the loss on all 32.
+    assert main(["curvature", str(out), "--steps", "64", "--top", "1", "--trace-probes", "12", "--sequences", "0"]) == 0
+    whole = pd.read_parquet(out / "curvature.parquet")
+    assert (whole.sequences == 32).all() and (curv.sequences == 16).all()
+    _check_whole_set_eigenvalue(load(cfg), out, whole)
+    # A different configuration in the same folder is refused, naming what changed.
     cfg.write_text(TINY.replace("n_rec = 8", "n_rec = 9"))
-    with pytest.raises(ValueError, match="different configuration"):
-        main(["run", "--config", str(cfg), "--out", str(out), "--quiet"])
+    capsys.readouterr()
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "different configuration" in (err := capsys.readouterr().err) and "cells.0.model.n_rec: 8 -> 9" in err
+    # A folder another run holds is refused at once (the OS lock of `exclusive`).
+    cfg.write_text(TINY)
+    with exclusive(out, "a test"):
+        assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "is in use by a test" in capsys.readouterr().err
+    # A results folder that cannot be made is a message, not a traceback.
+    assert main(["run", "--config", str(cfg), "--out", str(out / "report.md" / "x"), "--quiet"]) == 2
+    assert "Cannot create the results folder" in capsys.readouterr().err
+
+
+def _check_whole_set_eigenvalue(exp, out, table):
+    import jax
+    import numpy as np
+
+    from creditscape._files import load_arrays
+    from creditscape.curvature import dense_hessian
+    from creditscape.experiment import _splits
+    from creditscape.model import Params, Structure
+    from creditscape.objective import Batch
+
+    cell = exp.cells[0]
+    train = Batch(*(jax.numpy.asarray(a) for a in _splits(exp, cell).train))
+    run = load_arrays(out / "runs" / "c00-r00-bptt.npz")
+    params = Params(*(run[f"params/{f}"][0] if f"params/{f}" in run else None for f in Params._fields))
+    struct = Structure(*(run[f"struct/{f}"][0] if f"struct/{f}" in run else None for f in Structure._fields))
+    top = np.linalg.eigvalsh(np.asarray(dense_hessian(cell.model, params, struct, train, "w_rec")))[-1]
+    measured = table[(table.rule == "bptt") & (table.seed == int(run["seeds"][0]))].eig1.item()
+    np.testing.assert_allclose(measured, top, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -92,6 +128,15 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
         (("n_rec = 8", ""), "missing required key\\(s\\) \\['n_rec'\\]"),
         (("n_rec = 8", "n_rec = 8\nreadout_steps = 2"), "readout_steps comes from the task \\(here 1\\)"),
         (("\"bptt\",", "\"mdgl\","), "rules\\[0\\] \\(mdgl\\): mdgl: this network has a single cell type"),
+        # Not-a-number and infinity are refused where they are written, before any work.
+        (("batch_size = 8", "batch_size = 8\nlearning_rate = nan"), "\\[train\\].learning_rate: expected a finite"),
+        (("batch_size = 8", "batch_size = 8\nlearning_rate = inf"), "\\[train\\].learning_rate: expected a finite"),
+        (("batch_size = 8", "batch_size = 8\nl2 = nan"), "\\[train\\].l2: expected a finite"),
+        (("batch_size = 8", "batch_size = 8\nboost_at = 1.5"), "boost_at: must be a fraction"),
+        (("lanczos_steps = 8", "lanczos_steps = 8\nslice_radius = nan"), "slice_radius: expected a finite"),
+        (("delay = 3", "delay = 3\nnoise_levels = [inf]"), "noise_levels: expected a list of non-negative"),
+        (("n_rec = 8", "n_rec = 8\ninput_noise = -inf"), "input_noise: expected a finite"),
+        (('name = "tiny"', 'name = "../../elsewhere"'), "name: expected a plain name"),
     ],
 )
 def test_config_errors(tmp_path, edit, message):
@@ -115,6 +160,8 @@ def test_unknown_preset_and_mnist_dir_misuse(tmp_path):
         load(preset="fast")
     with pytest.raises(ConfigError, match="no task of this experiment reads MNIST"):
         resolve({"task": {"name": "cue_recall"}}, mnist_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="--mnist-dir is empty"):
+        resolve({"task": {"name": "smnist"}}, mnist_dir="")
 
 
 def test_quick_preset_resolves():
@@ -179,3 +226,11 @@ def test_two_iterations_of_smnist_through_the_command_line(tmp_path):
     assert {"perturbed[noise=0.2]_loss", "lambda_max", "trace"} <= set(final.columns)
     assert sorted(pd.read_parquet(out / "history.parquet").step.unique()) == [0, 1, 2]
     assert (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("argv", [["run", "--checkpoint-seconds", "nan"], ["run", "--checkpoint-seconds", "-5"],
+                                  ["curvature", "somewhere", "--sequences", "-1"]])
+def test_bad_numbers_on_the_command_line_stop_at_once(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "expected a" in capsys.readouterr().err

@@ -175,3 +175,79 @@ def test_members_stop_where_their_smoothed_loss_reaches_the_target(cue):
     np.testing.assert_array_equal(longer.params.w_rec, res.params.w_rec[:2])
     # Once every member has stopped, the remaining evaluations repeat the last one.
     assert np.all(longer.evals["train_loss"][:, -1] == longer.evals["train_loss"][:, -2])
+
+
+def test_adam_preconditioner_is_what_adam_divides_by():
+    # Adam's step is −P⁻¹m with m the moving average of gradients, both written out by hand here.
+    from creditscape.train import ADAM_B1, ADAM_B2, ADAM_EPS, adam_preconditioner, make_optimizer
+
+    opt = make_optimizer(TrainConfig(optimizer="adam"))
+    params = {"a": jnp.zeros(5), "b": jnp.zeros((2, 3))}
+    state = opt.init(params)
+    m = jax.tree.map(jnp.zeros_like, params)
+    nu = jax.tree.map(jnp.zeros_like, params)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    for k, key in enumerate(keys, start=1):
+        grads = jax.tree.map(lambda p, kk=key: jax.random.normal(kk, p.shape, jnp.float64), params)
+        m = jax.tree.map(lambda a, g: ADAM_B1 * a + (1 - ADAM_B1) * g, m, grads)
+        nu = jax.tree.map(lambda a, g: ADAM_B2 * a + (1 - ADAM_B2) * g**2, nu, grads)
+        updates, state = opt.update(grads, state, params)
+        p, count = adam_preconditioner(state)
+        assert int(count) == k
+        by_hand = jax.tree.map(lambda v: (1 - ADAM_B1**k) * (jnp.sqrt(v / (1 - ADAM_B2**k)) + ADAM_EPS), nu)
+        for name in params:
+            np.testing.assert_allclose(p[name], by_hand[name], rtol=1e-12)
+            np.testing.assert_allclose(updates[name], -m[name] / p[name], rtol=1e-10)
+
+
+def test_preconditioned_sharpness_against_the_dense_hessian(cue):
+    # λ₁(P⁻¹H) of the W_rec block, by Lanczos over the whole block, against the eigenvalues of
+    # the dense P⁻¹H; NaN before Adam's first update; absent under SGD.
+    from creditscape.curvature import dense_hessian
+    from creditscape.objective import Batch
+    from creditscape.train import CurvatureProbe, adam_preconditioner, make_evaluator
+
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 5, task.n_out, alpha=0.5)
+    batch = to_device(Batch(*(a[:32] for a in s.train)))
+    probe = CurvatureProbe(batch, block="w_rec", l2=0.0, steps=25)
+    train = to_device(s.train)
+    tcfg = TrainConfig(optimizer="adam", learning_rate=1e-2, steps=10, eval_every=10)
+    rule = get_rule("bptt")
+    states, structs, rs = init_ensemble(cfg, rule, tcfg, [0, 1], jnp.float64)
+    evaluator = make_evaluator(cfg, rule, tcfg, probe)
+    v0 = jax.random.normal(jax.random.PRNGKey(1), (2, 25), jnp.float64)
+    before = evaluator(states.params, structs, rs, {}, batch, v0, states.opt_state)
+    assert np.all(np.isnan(before["preconditioned_sharpness"]))
+    states, _ = make_chunk(cfg, rule, tcfg)(states, structs, rs, train)
+    after = evaluator(states.params, structs, rs, {}, batch, v0, states.opt_state)
+    for i in range(2):
+        member = jax.tree.map(lambda a: a[i], (states.params, structs, states.opt_state))
+        h = dense_hessian(cfg, member[0], member[1], batch, "w_rec")
+        p = np.asarray(adam_preconditioner(member[2])[0].w_rec).ravel()
+        dense = np.linalg.eigvals(np.diag(1 / p) @ np.asarray(h)).real.max()
+        np.testing.assert_allclose(after["preconditioned_sharpness"][i], dense, rtol=1e-9)
+        assert dense > 1.5 * after["lambda_max"][i]  # the preconditioner matters here
+    sgd = make_evaluator(cfg, rule, dataclasses.replace(tcfg, optimizer="sgd"), probe)
+    assert "preconditioned_sharpness" not in sgd(states.params, structs, rs, {}, batch, v0, states.opt_state)
+
+
+def test_history_on_a_subset_and_the_last_evaluation_on_the_whole_sets(cue):
+    from creditscape.objective import Batch
+    from creditscape.train import make_set_evaluator
+
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 8, task.n_out)
+    tcfg = TrainConfig(steps=40, eval_every=20)
+    sets = {"train": s.train, "test": s.test}
+    whole = train_ensemble(cfg, get_rule("bptt"), tcfg, [0, 1], s.train, sets, keep_trajectory=True, progress=False)
+    part = train_ensemble(cfg, get_rule("bptt"), tcfg, [0, 1], s.train, sets, history_sequences=64, progress=False)
+    np.testing.assert_array_equal(part.losses, whole.losses)  # training is untouched
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(part.evals[key][:, -1], whole.evals[key][:, -1], rtol=1e-6)
+    assert not np.allclose(part.evals["test_loss"][:, :-1], whole.evals["test_loss"][:, :-1], rtol=1e-3)
+    middle = jax.tree.map(lambda a: jnp.asarray(a[:, 1]), whole.trajectory)
+    first = {k: to_device(Batch(*(a[:64] for a in b))) for k, b in sets.items()}
+    expected = make_set_evaluator(cfg)(middle, whole.structs, first)
+    for key in ("train_loss", "test_loss"):
+        np.testing.assert_allclose(part.evals[key][:, 1], expected[key], rtol=1e-6)

@@ -1,7 +1,10 @@
-"""Atomic file writes: a reader (or a resumed run) never sees half a file."""
+"""Atomic file writes (a reader, or a resumed run, never sees half a file) and the lock that keeps
+one run per results folder."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 
@@ -27,3 +30,36 @@ def save_arrays(path: Path, arrays: dict) -> None:
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as f:
         return dict(f)
+
+
+class ResultsFolderError(ValueError):
+    """A results folder that cannot take this run: unwritable, or holding another configuration."""
+
+
+class FolderInUse(RuntimeError):
+    """Another process holds a results folder's lock."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str = "creditscape run"):
+    """Hold an OS lock (``flock``) on ``folder/.lock`` for the duration: a second process asking
+    for it fails at once with :class:`FolderInUse` instead of racing the first over the same files.
+    The OS releases the lock when the holder exits, however it exits (even on SIGKILL)."""
+    path = Path(folder) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise FolderInUse(
+                f"{folder} is in use by {holder}. Wait for it to finish, or use another --out folder."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{what} (pid {os.getpid()})")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

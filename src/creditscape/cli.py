@@ -8,6 +8,7 @@ import os
 import sys
 import textwrap
 
+from creditscape._files import FolderInUse, ResultsFolderError
 from creditscape.config import ConfigError, load, preset_names
 
 
@@ -47,7 +48,7 @@ def _cmd_curvature(args) -> int:
 
     table = measure_saved(args.run_dir, block=args.block, steps=args.steps, top=args.top,
                           trace_probes=args.trace_probes, along_training=args.along_training,
-                          mnist_dir=args.mnist_dir)
+                          sequences=args.sequences, mnist_dir=args.mnist_dir)
     last = table[table.step == table.step.max()] if args.along_training else table
     print("median [first quartile, third quartile] over runs" + (", last step" if args.along_training else ""))
     print(last.groupby(["task", "condition"], sort=False)[["eig1", "eig1_residual", "trace"]].agg(spread).to_string())
@@ -77,6 +78,24 @@ def _cmd_rules(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number ≥ 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="creditscape", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="results folder (default results/<name>); rerunning resumes it")
     run.add_argument("--mnist-dir", help="folder holding the MNIST files (tasks that read MNIST)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--checkpoint-seconds", type=float, default=30.0,
+    run.add_argument("--checkpoint-seconds", type=_seconds, default=30.0,
                      help="save the run in flight at most this often (default 30; 0: at every evaluation)")
     run.add_argument("--deterministic", action="store_true",
                      help=f"deterministic GPU kernels ({DETERMINISTIC_XLA_FLAG}); CPU runs are deterministic anyway")
@@ -103,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--trace-probes", type=int, default=30, help="HVPs for the Hutch++ trace (default 30)")
     cur.add_argument("--along-training", action="store_true",
                      help="measure the parameters saved at every evaluation, not only the final ones")
+    cur.add_argument("--sequences", type=_count, default=None,
+                     help="training sequences the Hessian is taken on (default: the experiment's curvature "
+                          "batch; 0: the whole training set, in chunks of the curvature batch)")
     cur.add_argument("--mnist-dir", help="folder holding the MNIST files (tasks that read MNIST)")
     cur.set_defaults(func=_cmd_curvature)
     sub.add_parser("tasks", help="list tasks and their parameters").set_defaults(func=_cmd_tasks)
@@ -117,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"creditscape: configuration error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, FolderInUse, ResultsFolderError) as err:
         print(f"creditscape: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
+import re
 import tomllib
 import types
 import typing
@@ -61,7 +63,9 @@ class MeasureConfig:
     (coordinates in [-radius, radius]); ``sharpness_scale``: relative scale of the final random
     weight perturbations (expected loss increase, antithetic pairs); ``save_trajectory``: keep the parameters at every
     evaluation so that ``creditscape curvature`` can measure them later; ``arnoldi_steps``: Arnoldi
-    iterations for the leading eigenvalues μ of ηĴ of the final networks (the rule's update map)."""
+    iterations for the leading eigenvalues μ of ηĴ of the final networks (the rule's update map);
+    ``history_sequences``: when > 0, losses and accuracies along training are measured on the
+    first that many sequences of each set (the final ones always on the whole sets)."""
 
     curvature_block: str = "w_rec"
     curvature_batch: int = 256
@@ -73,14 +77,17 @@ class MeasureConfig:
     sharpness_scale: float = 0.05
     save_trajectory: bool = True
     arnoldi_steps: int = 20
+    history_sequences: int = 0
 
     def __post_init__(self):
         if self.curvature_block not in ("all", "recurrent", "w_rec"):
             raise ValueError(f"measure.curvature_block: expected all, recurrent or w_rec, got {self.curvature_block!r}.")
         for name in ("curvature_batch", "lanczos_steps", "trace_probes", "slice_points", "slice_radius", "sharpness_scale",
                      "arnoldi_steps"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:
                 raise ValueError(f"measure.{name}: must be > 0, got {getattr(self, name)!r}.")
+        if self.history_sequences < 0:
+            raise ValueError(f"measure.history_sequences: must be >= 0 (0: the whole sets), got {self.history_sequences!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +180,8 @@ def _build(cls, values: dict, where: str, **fixed):
     for key, value in values.items():
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"{where}.{key}: expected {fields[key].type}, got {value!r} ({type(value).__name__}).")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{where}.{key}: expected a finite number, got {value!r}.")
         if isinstance(value, list):
             values = {**values, key: tuple(value)}
     required = [f.name for f in fields.values() if f.default is dataclasses.MISSING and f.name not in fixed]
@@ -253,7 +262,7 @@ def _cell(index: int, values: dict, raw: dict, mnist_dir: str | None, learning_r
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"[task].{key}: expected a positive integer, got {value!r}.")
     noise_levels = task_raw.get("noise_levels", [0.2])
-    if not isinstance(noise_levels, list) or not all(_type_ok(v, float) and v >= 0 for v in noise_levels):
+    if not isinstance(noise_levels, list) or not all(_type_ok(v, float) and 0 <= v < math.inf for v in noise_levels):
         raise ConfigError(f"[task].noise_levels: expected a list of non-negative numbers, got {noise_levels!r}.")
     model = _build(ModelConfig, sections["model"], f"[model]{where}", n_in=task.n_in, n_out=task.n_out,
                    loss=task.loss, readout_steps=task.readout_steps)
@@ -272,6 +281,8 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
         ConfigError: unknown key, wrong type, bad value, unknown task or rule (with the fix).
     """
     _unknown(raw, _TOP, "the config")
+    if mnist_dir is not None and not str(mnist_dir).strip():
+        raise ConfigError("--mnist-dir is empty: give the folder that holds the MNIST files.")
     if "task" in raw and "name" not in raw["task"] and "task.name" not in raw.get("grid", {}):
         raise ConfigError("[task] needs a `name` (see `creditscape tasks`).")
     grid = _grid(raw)
@@ -321,8 +332,9 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
         raise ConfigError(f"rules: the same rule appears twice ({labels}); give each a different option or form.")
 
     name = raw.get("name", "experiment")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"name: expected a non-empty string, got {name!r}.")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"name: expected a plain name (letters, digits, '.', '_', '-'; no path separators), "
+                          f"got {name!r}. It names the default results folder results/<name>.")
     return Experiment(name=name, seeds=tuple(seeds), data_seed=data_seed, cells=cells, rules=specs,
                       measure=measure, raw=raw)
 

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from creditscape.model import ModelConfig, Params, Structure
@@ -135,6 +136,16 @@ def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1) -> Eigen:
     order = jnp.argsort(-jnp.where(ritz, vals, -jnp.inf))[:k]
     # Fewer than k Ritz values (an exhausted space): the missing ones are unknown, not zero.
     return Eigen(jnp.where(ritz[order], vals[order], jnp.nan), vecs[:, order].T @ basis)
+
+
+def top_ritz_value(tri: np.ndarray, krylov_dim: int) -> float:
+    """The largest Ritz value of a Lanczos tridiagonal matrix (:func:`lanczos_tridiagonal`) whose
+    Krylov space has ``krylov_dim`` dimensions, computed on the host with NumPy; NaN when it is
+    not finite or empty."""
+    tri = np.asarray(tri)[:krylov_dim, :krylov_dim]
+    if not krylov_dim or not np.isfinite(tri).all():
+        return float("nan")
+    return float(np.linalg.eigvalsh(tri)[-1])
 
 
 class PowerResult(NamedTuple):
@@ -256,6 +267,7 @@ def top_eigenvalues(
 
 
 def dense_hessian(cfg, params, struct, batch, block: str = "all", l2: float = 0.0) -> jax.Array:
-    """The full Hessian of the block (small models only; the reference for every estimator)."""
+    """The full Hessian of the block (small models only; the reference for every estimator).
+    Compiled: run op by op, the Hessian of a ``scan`` costs many times more."""
     f, x0 = block_loss(cfg, params, struct, batch, block, l2)
-    return jax.hessian(f)(x0)
+    return jax.jit(jax.hessian(f))(x0)

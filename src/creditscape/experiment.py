@@ -34,7 +34,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from creditscape import __version__
-from creditscape._files import atomic_write_bytes, load_arrays, save_arrays
+from creditscape._files import ResultsFolderError, atomic_write_bytes, exclusive, load_arrays, save_arrays
 from creditscape.config import Cell, Experiment, RuleSpec, resolve, resolved_dict
 from creditscape.curvature import block_loss, hutch_plus_plus, hvp, lanczos
 from creditscape.theory import arnoldi, estimate_on_block, jacobian_vector_product, ritz_values
@@ -165,7 +165,7 @@ def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, fina
     result = train_ensemble(
         cell.model, spec.rule, tcfg, seeds, splits.train, eval_sets, learning_rates=lrs, probe=probe,
         keep_trajectory=m.save_trajectory, checkpoint=Checkpoint(path.with_suffix(".ckpt.npz"), checkpoint_seconds),
-        progress=spec.label if progress else False,
+        progress=spec.label if progress else False, history_sequences=m.history_sequences,
     )
     measure_start = time.perf_counter()
     final = final_measurements(result.params, result.structs, seeds)
@@ -272,17 +272,38 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, c
     evaluation when 0); results do not depend on it.
     """
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ResultsFolderError(f"Cannot create the results folder {out} ({err.strerror}). "
+                                 "Give a writable folder with --out.") from None
+    with exclusive(out):
+        return _run_experiment(exp, out, progress, checkpoint_seconds, log)
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two resolved configs (where the MNIST files
+    were read from is not a difference: the same data at another path resumes)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) if k != "mnist_dir"
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: float, log) -> pd.DataFrame:
     for stale in [*out.glob("*.tmp"), *(out / "runs").glob("*.tmp")]:
         stale.unlink()  # half-written temporaries of an interrupted write (the real files are intact)
     config_path = out / "config.json"
     resolved = resolved_dict(exp)
     if config_path.exists():
-        previous = json.loads(config_path.read_text())
-        if previous != json.loads(json.dumps(resolved)):
-            raise ValueError(
-                f"{out} holds results of a different configuration (see {config_path}). "
-                "Use another --out folder, or delete this one to start over."
+        changed = _differences(json.loads(config_path.read_text()), json.loads(json.dumps(resolved)))
+        if changed:
+            raise ResultsFolderError(
+                f"{out} holds results of a different configuration (see {config_path}); changed: "
+                + "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+                + ". Use another --out folder, or delete this one to start over."
             )
     atomic_write_bytes(config_path, lambda f: f.write(json.dumps(resolved, indent=2).encode()))
     atomic_write_bytes(out / "config.input.json", lambda f: f.write(json.dumps(exp.raw, indent=2).encode()))
@@ -323,15 +344,33 @@ def _stacked(run: dict, prefix: str, cls):
     return cls(*(jnp.asarray(run[f"{prefix}/{f}"]) if f"{prefix}/{f}" in run else None for f in cls._fields))
 
 
+def _sequence_chunks(exp: Experiment, splits, sequences: int | None) -> Batch:
+    """The first ``sequences`` training sequences (default: the curvature batch; 0: the whole
+    training set) as (chunks, chunk size, ...) arrays, chunks of ``measure.curvature_batch``
+    sequences. The loss weighs every sequence equally (1/B), so the Hessian of the set is the mean
+    of its chunks' Hessians; a set larger than one chunk is cut to a whole number of chunks."""
+    n_train, chunk = splits.train.x.shape[0], exp.measure.curvature_batch
+    n = n_train if sequences == 0 else min(sequences or chunk, n_train)
+    if n > chunk:
+        n -= n % chunk
+    else:
+        chunk = n
+    return to_device(Batch(*(a[:n].reshape(n // chunk, chunk, *a.shape[1:]) for a in splits.train)))
+
+
 def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30, top: int = 3,
-                  trace_probes: int = 30, along_training: bool = False, mnist_dir: str | None = None) -> pd.DataFrame:
+                  trace_probes: int = 30, along_training: bool = False, sequences: int | None = None,
+                  mnist_dir: str | None = None) -> pd.DataFrame:
     """Curvature of saved networks, after the fact: top-``top`` signed Hessian eigenvalues
     (Lanczos, ``steps`` HVPs) and the Hutch++ trace with its standard error (``trace_probes``
-    HVPs), on the block and curvature batch of the experiment's config, all members of a run in
-    one compiled call. The final networks, or with ``along_training`` the parameters saved at
-    every evaluation (``measure.save_trajectory``). Each row records the Lanczos steps and the L2
-    coefficient used and the residual ‖Hv₁ − λ₁v₁‖ of the top pair. Writes ``curvature.parquet``
-    (``curvature_along_training.parquet`` with ``along_training``) and returns it."""
+    HVPs), on the block of the experiment's config, all members of a run in one compiled call.
+    The Hessian is taken on the first ``sequences`` training sequences (default: the experiment's
+    curvature batch; 0: the whole training set, cut to a whole number of curvature batches), to
+    measure what the choice of that subset does. The final networks, or with ``along_training``
+    the parameters saved at every evaluation (``measure.save_trajectory``). Each row records the
+    number of sequences, the Lanczos steps and the L2 coefficient used and the residual
+    ‖Hv₁ − λ₁v₁‖ of the top pair. Writes ``curvature.parquet`` (``curvature_along_training.parquet``
+    with ``along_training``) and returns it."""
     run_dir = Path(run_dir)
     raw_path = run_dir / "config.input.json"
     if not raw_path.is_file():
@@ -339,19 +378,27 @@ def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30,
     exp = resolve(json.loads(raw_path.read_text()), mnist_dir=mnist_dir)
     rows = []
     for cell in exp.cells:
-        batch = _curvature_batch(exp, _splits(exp, cell))
+        chunks = _sequence_chunks(exp, _splits(exp, cell), sequences)
+        n_sequences = chunks.x.shape[0] * chunks.x.shape[1]
         l2 = cell.train.l2 if exp.measure.l2_in_curvature else 0.0
 
         @jax.jit
         @jax.vmap
         def measure(params, struct, key):
-            f, x0 = block_loss(cell.model, params, struct, batch, block, l2)
+            x0 = block_loss(cell.model, params, struct, jax.tree.map(lambda a: a[0], chunks), block, l2)[1]
+
+            def matvec(v):  # the mean of the chunks' HVPs, one chunk in memory at a time
+                def one(chunk):
+                    return hvp(block_loss(cell.model, params, struct, chunk, block, l2)[0], x0, v)
+
+                return jnp.mean(jax.lax.map(one, chunks), axis=0)
+
             k1, k2 = jax.random.split(key)
             n = min(steps, x0.shape[0])
-            eig = lanczos(lambda v: hvp(f, x0, v), jax.random.normal(k1, x0.shape, x0.dtype), n, min(top, n))
+            eig = lanczos(matvec, jax.random.normal(k1, x0.shape, x0.dtype), n, min(top, n))
             v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
-            residual = jnp.linalg.norm(hvp(f, x0, v1) - eig.values[0] * v1)
-            tr = hutch_plus_plus(lambda v: hvp(f, x0, v), x0.shape[0], trace_probes, k2, x0.dtype)
+            residual = jnp.linalg.norm(matvec(v1) - eig.values[0] * v1)
+            tr = hutch_plus_plus(matvec, x0.shape[0], trace_probes, k2, x0.dtype)
             return eig.values, residual, tr.value, tr.stderr
 
         for ri, spec in enumerate(exp.rules):
@@ -375,7 +422,7 @@ def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30,
                 for mi, seed in enumerate(run["seeds"].tolist()):
                     lr = float(run["learning_rates"][mi])
                     row = {**_member_columns(exp, cell, spec, seed, lr), "step": step, "block": block,
-                           "lanczos_steps": steps, "l2": l2, "eig1_residual": float(residual[mi]),
+                           "sequences": n_sequences, "lanczos_steps": steps, "l2": l2, "eig1_residual": float(residual[mi]),
                            "trace": float(trace[mi]), "trace_stderr": float(err[mi]),
                            "diverged_at": int(run["diverged_at"][mi])}
                     row.update({f"eig{j + 1}": float(v) for j, v in enumerate(vals[mi])})

@@ -114,7 +114,7 @@ class ModelConfig:
             bad("dale_exc_fraction", self.dale_exc_fraction, "a fraction in (0, 1), or None")
         if not 1 <= self.cell_types <= self.n_rec:
             bad("cell_types", self.cell_types, f"an integer in [1, n_rec={self.n_rec}]")
-        if self.input_noise < 0 or self.rec_noise < 0:
+        if not (0 <= self.input_noise < math.inf and 0 <= self.rec_noise < math.inf):
             bad("input_noise/rec_noise", (self.input_noise, self.rec_noise), "non-negative values")
         if self.init not in INITS:
             bad("init", self.init, f"one of {INITS}")

@@ -34,7 +34,7 @@ from jax.flatten_util import ravel_pytree
 
 from creditscape import model as _model
 from creditscape._files import save_arrays
-from creditscape.curvature import _select, block_loss, hvp, lanczos
+from creditscape.curvature import _select, block_loss, hvp, lanczos, lanczos_tridiagonal, top_ritz_value
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, check_scored_steps, draw_noise, evaluate, l2_gradient, l2_penalty
 from creditscape.rules import Rule, gradient_alignment
@@ -84,12 +84,15 @@ class TrainConfig:
             raise ValueError(f"train.optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule: expected one of {SCHEDULES}, got {self.schedule!r}.")
-        for name in ("learning_rate", "steps", "batch_size", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name}: must be > 0, got {getattr(self, name)!r}.")
-        if self.l2 < 0 or self.momentum < 0:
-            raise ValueError("train.l2 and train.momentum must be >= 0.")
-        if self.target_loss is not None and not self.target_loss > 0:
+        for name in ("learning_rate", "steps", "batch_size", "eval_every", "boost_factor"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"train.{name}: must be a finite number > 0, got {getattr(self, name)!r}.")
+        for name in ("l2", "momentum"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"train.{name}: must be a finite number >= 0, got {getattr(self, name)!r}.")
+        if not 0 <= self.boost_at <= 1:
+            raise ValueError(f"train.boost_at: must be a fraction of the steps in [0, 1], got {self.boost_at!r}.")
+        if self.target_loss is not None and not 0 < self.target_loss < float("inf"):
             raise ValueError(f"train.target_loss: must be > 0 (or unset), got {self.target_loss!r}.")
         if not 0 <= self.target_smoothing < 1:
             raise ValueError(f"train.target_smoothing: must be in [0, 1), got {self.target_smoothing!r}.")
@@ -227,7 +230,7 @@ class CurvatureProbe(NamedTuple):
     steps: int = 30
 
 
-ADAM_B1 = 0.9  # optax.adam's default, which make_optimizer uses
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults, which make_optimizer uses
 
 
 def adam_edge(learning_rate):
@@ -236,16 +239,44 @@ def adam_edge(learning_rate):
     return (2 + 2 * ADAM_B1) / ((1 - ADAM_B1) * learning_rate)
 
 
+def adam_preconditioner(opt_state: optax.OptState) -> tuple[Params, jax.Array]:
+    """(P, k): the diagonal preconditioner of Adam's last update and the number k of updates made,
+    P = (1 − β₁ᵏ)(√(ν_k / (1 − β₂ᵏ)) + ε) per parameter (Cohen et al. 2022, eq. 2), so that with P
+    frozen Adam's step is heavy-ball momentum on P⁻¹∇L and is stable while λ₁(P⁻¹H) < 38/η.
+    Undefined (division by zero) before the first update, k = 0."""
+    adam = opt_state[0]  # make_optimizer: optax.adam = chain(scale_by_adam, scale by the schedule)
+    if not isinstance(adam, optax.ScaleByAdamState):
+        raise TypeError(f"adam_preconditioner: expected the state of optax.adam, got {type(adam).__name__}.")
+    k = adam.count.astype(jax.tree.leaves(adam.nu)[0].dtype)
+    p = jax.tree.map(lambda nu: (1 - ADAM_B1 ** k) * (jnp.sqrt(nu / (1 - ADAM_B2 ** k)) + ADAM_EPS), adam.nu)
+    return p, adam.count
+
+
+def _set_metrics(cfg: ModelConfig, params: Params, struct: Structure, sets: dict[str, Batch]) -> dict:
+    out = {}
+    for name, batch in sets.items():
+        out[f"{name}_loss"], out[f"{name}_accuracy"] = evaluate(cfg, params, struct, batch)
+    return out
+
+
+def make_set_evaluator(cfg: ModelConfig) -> Callable:
+    """Compiled: (params, structs, sets) → per-member ``<set>_loss`` and ``<set>_accuracy`` of
+    each named set (no noise)."""
+    return jax.jit(jax.vmap(lambda p, s, sets: _set_metrics(cfg, p, s, sets), in_axes=(0, 0, None)))
+
+
 def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: CurvatureProbe | None = None) -> Callable:
-    """Compiled: per-seed (loss, accuracy) on each named set, the rule's gradient alignment
+    """Compiled (its results on the host): per-seed (loss, accuracy) on each named set, the rule's gradient alignment
     (cosine with the exact gradient, no noise) on the alignment batch, and with a ``probe`` λ_max
-    (Lanczos from the warm-start vector ``v0``), its eigenvector ``v1`` and ρ = v₁ᵀĴv₁/λ₁."""
+    (Lanczos from the warm-start vector ``v0``), its eigenvector ``v1`` and ρ = v₁ᵀĴv₁/λ₁; under
+    Adam also the preconditioned sharpness λ₁(P⁻¹H) of the probe's block (P from
+    :func:`adam_preconditioner`; NaN before the first update), the quantity Adam's stability edge
+    38/η bounds. (Arguments: params, structs, rule states, sets, alignment batch, v0, optimizer
+    states.)"""
     form = rule.check_form(tcfg.form)
 
-    def one_seed(params, struct, rule_state, sets: dict[str, Batch], align_batch: Batch, v0):
-        out = {}
-        for name, batch in sets.items():
-            out[f"{name}_loss"], out[f"{name}_accuracy"] = evaluate(cfg, params, struct, batch)
+    def one_seed(params, struct, rule_state, sets: dict[str, Batch], align_batch: Batch, v0, opt_state):
+        out = _set_metrics(cfg, params, struct, sets)
         al = gradient_alignment(rule, cfg, params, struct, rule_state, align_batch, form=form)
         out["alignment"] = al.cosine
         out["alignment_recurrent"] = al.cosine_recurrent
@@ -262,9 +293,27 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
             out["lambda_gap"] = eig.values[0] - eig.values[-1] if steps > 1 else jnp.full((), jnp.nan, x0.dtype)
             out["rho"] = jnp.vdot(v1, jacobian_vector_product(g, x0, v1)) / eig.values[0]
             out["v1"] = v1
+            if tcfg.optimizer == "adam":
+                p, updates = adam_preconditioner(opt_state)
+                s = 1 / jnp.sqrt(ravel_pytree(_select(p, probe.block))[0])
+                # λ₁(P⁻¹H) = λ₁(P^(-1/2) H P^(-1/2)), a symmetric operator Lanczos can take.
+                tri, basis = lanczos_tridiagonal(lambda v: s * hvp(f, x0, s * v), v0, steps)
+                out["preconditioned_tridiagonal"] = jnp.where(updates > 0, tri, jnp.nan)
+                out["preconditioned_krylov_dim"] = jnp.sum(jnp.linalg.norm(basis, axis=1) > 0)
         return out
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, 0)))
+    compiled = jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, 0, 0)))
+
+    def evaluator(*args) -> dict:
+        out = jax.device_get(compiled(*args))
+        if "preconditioned_tridiagonal" in out:
+            # Its eigenvalues on the host: a second eigensolver call in the compiled program (beside
+            # λ_max's) deadlocked XLA's CPU runtime on two cores (all threads idle, waiting).
+            tri, dim = out.pop("preconditioned_tridiagonal"), out.pop("preconditioned_krylov_dim")
+            out["preconditioned_sharpness"] = np.array([top_ritz_value(t, d) for t, d in zip(tri, dim)])
+        return out
+
+    return evaluator
 
 
 class TrainResult(NamedTuple):
@@ -344,6 +393,7 @@ def train_ensemble(
     keep_trajectory: bool = False,
     checkpoint: Checkpoint | None = None,
     progress: bool | str = True,
+    history_sequences: int = 0,
 ) -> TrainResult:
     """Train one network per member with ``rule``; evaluate at every chunk boundary.
 
@@ -358,6 +408,10 @@ def train_ensemble(
         keep_trajectory: also return the parameters at every evaluation (for later measurement).
         checkpoint: save progress there and continue from it if it exists.
         progress: show a progress bar (a string sets its label).
+        history_sequences: when > 0, the evaluations along training measure the first
+            ``history_sequences`` sequences of each evaluation set, and only the last one the
+            whole sets (what the final tables report); the cost of the evaluations falls in
+            proportion.
     """
     if train_set.x.shape[-1] != cfg.n_in:
         raise ValueError(f"Training inputs have {train_set.x.shape[-1]} channels; the model has n_in={cfg.n_in}.")
@@ -366,6 +420,9 @@ def train_ensemble(
         check_scored_steps(cfg, batch, name)
     train_set = to_device(train_set)
     eval_sets = {k: to_device(v) for k, v in (eval_sets or {"train": train_set}).items()}
+    history_sets = eval_sets
+    if history_sequences and any(b.x.shape[0] > history_sequences for b in eval_sets.values()):
+        history_sets = {k: jax.tree.map(lambda a: a[:history_sequences], b) for k, b in eval_sets.items()}
     align_batch = jax.tree.map(lambda a: a[:align_size], train_set)
     seeds = list(seeds)
     states, structs, rule_states = init_ensemble(cfg, rule, tcfg, seeds, train_set.x.dtype, learning_rates)
@@ -385,7 +442,7 @@ def train_ensemble(
     def record(states):
         nonlocal v
         start = time.perf_counter()
-        out = jax.device_get(evaluator(states.params, structs, rule_states, eval_sets, align_batch, v))
+        out = evaluator(states.params, structs, rule_states, history_sets, align_batch, v, states.opt_state)
         seconds.append(time.perf_counter() - start)
         if probe is not None:
             v = jnp.asarray(out.pop("v1")) + v_random
@@ -427,6 +484,10 @@ def train_ensemble(
             if checkpoint is not None and i + 1 < n_chunks and time.monotonic() - last_save >= checkpoint.every_seconds:
                 save_arrays(Path(checkpoint.path), _snapshot(states, v, losses, evals, seconds, trajectory))
                 last_save = time.monotonic()
+    if history_sets is not eval_sets:  # the last evaluation on the whole sets
+        start = time.perf_counter()
+        evals[-1] = {**evals[-1], **jax.device_get(make_set_evaluator(cfg)(states.params, structs, eval_sets))}
+        seconds[-1] += time.perf_counter() - start
     return TrainResult(
         params=states.params,
         structs=structs,

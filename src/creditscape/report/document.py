@@ -182,11 +182,25 @@ def _matched_table(matched: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _adam_edge_columns(g: pd.DataFrame) -> dict:
+    """Under Adam, the preconditioned sharpness λ₁(P⁻¹H) at the end against its edge
+    (2 + 2β₁)/((1 − β₁)η(T)) = 38/η(T) (Cohen et al. 2022); nothing for other optimizers."""
+    from creditscape.train import adam_edge
+
+    if not (g.optimizer == "adam").all() or "preconditioned_sharpness" not in g:
+        return {}
+    measured = g.preconditioned_sharpness.to_numpy(float)
+    edge = adam_edge(g.eta_end.to_numpy(float))
+    return {"Adam: λ₁(P⁻¹H) (measured)": spread(measured), "Adam edge 38/η(T)": spread(edge),
+            "λ₁(P⁻¹H) below 38/η(T)": f"{int(np.sum(measured < edge))}/{int(np.isfinite(measured).sum())}"}
+
+
 def _theory_table(final: pd.DataFrame) -> pd.DataFrame:
     """Per condition, the stability theory of DESIGN.md §5 against what was measured at the end:
     the edge 2(1+β)/η(T) of the condition's optimizer at its final step size, the rule's predicted
     bound 2(1+β)/(η(T)ρ), the measured λ_max, the top eigenvalue μ₁ of η(T)Ĵ, and in how many runs
-    every recorded μ satisfies |1 − μ| < 1 (plain SGD only)."""
+    every recorded μ satisfies |1 − μ| < 1 (plain SGD only); under Adam, the preconditioned
+    sharpness against Adam's own edge."""
     if "eta_end" not in final:
         return pd.DataFrame()
     rows = []
@@ -207,6 +221,7 @@ def _theory_table(final: pd.DataFrame) -> pd.DataFrame:
             "μ₁ of η(T)Ĵ (median)": _complex(np.median(mu.real), np.median(mu.imag)) if len(mu) and sgd else "—",
             "runs with abs(1 − μ) < 1 for the top μ": f"{int(stable.sum())}/{len(stable)}" if len(stable)
             else "— (not plain SGD)",
+            **_adam_edge_columns(g),
         })
     return pd.DataFrame(rows)
 
