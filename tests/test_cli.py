@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import MNIST_DIR, REQUIRE_MNIST
 
-from creditscape._files import exclusive
+from creditscape._files import exclusive, load_arrays
 from creditscape.cli import main
 from creditscape.config import ConfigError, load, resolve
 
@@ -78,6 +79,24 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     whole = pd.read_parquet(out / "curvature.parquet")
     assert (whole.sequences == 32).all() and (curv.sequences == 16).all()
     _check_whole_set_eigenvalue(load(cfg), out, whole)
+    # A damaged finished run or checkpoint stops the rerun with what to do; doing it recovers.
+    runs = sorted((out / "runs").glob("*.npz"))
+    before = load_arrays(runs[-1])
+    good = runs[-1].read_bytes()
+    runs[-1].write_bytes(good[: len(good) // 2])
+    capsys.readouterr()
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "cannot be read" in (err := capsys.readouterr().err) and "delete it and rerun" in err
+    runs[-1].unlink()
+    runs[-1].with_suffix(".ckpt.npz").write_bytes(b"not a checkpoint")
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "delete it to start this run again" in capsys.readouterr().err
+    runs[-1].with_suffix(".ckpt.npz").unlink()
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    after = load_arrays(runs[-1])  # recomputed, bit for bit (wall times aside)
+    assert set(after) == set(before)
+    for key in set(before) - {"train_seconds", "measure_seconds", "eval_seconds"}:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
     # A different configuration in the same folder is refused, naming what changed.
     cfg.write_text(TINY.replace("n_rec = 8", "n_rec = 9"))
     capsys.readouterr()
@@ -95,9 +114,7 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
 
 def _check_whole_set_eigenvalue(exp, out, table):
     import jax
-    import numpy as np
 
-    from creditscape._files import load_arrays
     from creditscape.curvature import dense_hessian
     from creditscape.experiment import _splits
     from creditscape.model import Params, Structure
@@ -137,6 +154,8 @@ def _check_whole_set_eigenvalue(exp, out, table):
         (("delay = 3", "delay = 3\nnoise_levels = [inf]"), "noise_levels: expected a list of non-negative"),
         (("n_rec = 8", "n_rec = 8\ninput_noise = -inf"), "input_noise: expected a finite"),
         (('name = "tiny"', 'name = "../../elsewhere"'), "name: expected a plain name"),
+        (("curvature_batch = 16", "curvature_batch = 33"), "curvature_batch = 33 is larger than the training set"),
+        (("batch_size = 8", "batch_size = 64"), "batch_size = 64 is larger than the training set"),
     ],
 )
 def test_config_errors(tmp_path, edit, message):
@@ -234,3 +253,13 @@ def test_bad_numbers_on_the_command_line_stop_at_once(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and "expected a" in capsys.readouterr().err
+
+
+def test_the_command_line_starts_without_jax():
+    # `creditscape --help` and argument errors answer at once: JAX is imported only for work.
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom creditscape.cli import build_parser\nbuild_parser().format_help()\n"
+            "assert 'jax' not in sys.modules and 'scipy' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -132,7 +132,7 @@ def test_learning_rates_share_one_program_and_match_separate_runs():
 def test_grid_expansion():
     raw = {"rules": ["bptt", "eprop"], "seeds": 3,
            "task": {"name": "perceptual_decision", "n_train": 8, "n_test": 8},
-           "model": {"n_rec": 8},
+           "model": {"n_rec": 8}, "train": {"batch_size": 8}, "measure": {"curvature_batch": 8},
            "grid": {"task.name": ["perceptual_decision", "delayed_match_sample"], "model.alpha": [0.0, 0.9],
                     "train.learning_rate": [0.01, 0.02]}}
     exp = resolve(raw)

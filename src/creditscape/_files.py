@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from creditscape.errors import DamagedFile, FolderInUse
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -27,17 +30,16 @@ def save_arrays(path: Path, arrays: dict) -> None:
     atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
 
 
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as f:
-        return dict(f)
-
-
-class ResultsFolderError(ValueError):
-    """A results folder that cannot take this run: unwritable, or holding another configuration."""
-
-
-class FolderInUse(RuntimeError):
-    """Another process holds a results folder's lock."""
+def load_arrays(path: Path, advice: str = "delete it and rerun the same command") -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file; a damaged file (truncated, not a zip, a bad array) raises
+    :class:`DamagedFile` with ``advice``."""
+    try:
+        with open(path, "rb") as raw, np.load(raw, allow_pickle=False) as f:  # closed even when unreadable
+            return dict(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DamagedFile(f"{path} cannot be read ({type(err).__name__}: {err}): {advice}.") from None
 
 
 @contextlib.contextmanager

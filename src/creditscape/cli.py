@@ -8,8 +8,8 @@ import os
 import sys
 import textwrap
 
-from creditscape._files import FolderInUse, ResultsFolderError
-from creditscape.config import ConfigError, load, preset_names
+from creditscape import presets
+from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError
 
 
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -18,6 +18,7 @@ DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
 def _cmd_run(args) -> int:
     if args.deterministic:  # read by XLA when the backend starts, which has not happened yet
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + DETERMINISTIC_XLA_FLAG).strip()
+    from creditscape.config import load
     from creditscape.experiment import run_experiment
     from creditscape.report import summary_table, write_report
 
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment (default: the embedded `quick` preset) and write its report")
     source = run.add_mutually_exclusive_group()
-    source.add_argument("--preset", help=f"embedded experiment: {', '.join(preset_names())}")
+    source.add_argument("--preset", help=f"embedded experiment: {', '.join(presets.names())}")
     source.add_argument("--config", help="experiment TOML file")
     run.add_argument("--out", help="results folder (default results/<name>); rerunning resumes it")
     run.add_argument("--mnist-dir", help="folder holding the MNIST files (tasks that read MNIST)")

@@ -42,16 +42,15 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from creditscape import presets
+from creditscape.errors import ConfigError
 from creditscape.model import ModelConfig
 from creditscape.rules import Rule, rule_class
 from creditscape.tasks import Task, task_class
 from creditscape.train import TrainConfig
 
-PRESET_DIR = Path(__file__).parent / "presets"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, found before any work: the message says what to change."""
+PRESET_DIR = presets.DIRECTORY
+preset_names = presets.names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +300,12 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
         for i, point in enumerate(itertools.product(*axes.values()))
     )
     measure = _build(MeasureConfig, dict(raw.get("measure", {})), "[measure]")
+    for cell in cells:  # sizes that name sequences which do not exist
+        for key, size in (("[measure].curvature_batch", measure.curvature_batch),
+                          ("[train].batch_size", cell.train.batch_size)):
+            if size > cell.n_train:
+                raise ConfigError(f"{key} = {size} is larger than the training set ([task].n_train = {cell.n_train}): "
+                                  f"lower it, or raise n_train.")
 
     seeds = raw.get("seeds", 4)
     if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > 0:
@@ -337,10 +342,6 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
                           f"got {name!r}. It names the default results folder results/<name>.")
     return Experiment(name=name, seeds=tuple(seeds), data_seed=data_seed, cells=cells, rules=specs,
                       measure=measure, raw=raw)
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
 def load(path: str | Path | None = None, *, preset: str | None = None, mnist_dir: str | None = None) -> Experiment:

@@ -34,9 +34,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from creditscape import __version__
-from creditscape._files import ResultsFolderError, atomic_write_bytes, exclusive, load_arrays, save_arrays
+from creditscape._files import atomic_write_bytes, exclusive, load_arrays, save_arrays
 from creditscape.config import Cell, Experiment, RuleSpec, resolve, resolved_dict
 from creditscape.curvature import block_loss, hutch_plus_plus, hvp, lanczos
+from creditscape.errors import ResultsFolderError
 from creditscape.theory import arnoldi, estimate_on_block, jacobian_vector_product, ritz_values
 from creditscape.model import Params, Structure
 from creditscape.objective import Batch
@@ -168,6 +169,9 @@ def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, fina
         progress=spec.label if progress else False, history_sequences=m.history_sequences,
     )
     measure_start = time.perf_counter()
+    if progress:  # often longer than the bar's last evaluations: not silent
+        tqdm.write(f"  {spec.label}: final measurements (Hessian trace, λ_max of all parameters, sharpness, "
+                   "slices, eigenvalues of ηĴ)…")
     final = final_measurements(result.params, result.structs, seeds)
     final.update(update_map_eigenvalues(exp, cell, spec, batch, result, seeds, lrs))
     measure_time = float(result.eval_seconds.sum()) + time.perf_counter() - measure_start

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from jax.flatten_util import ravel_pytree
 
 from creditscape import model as _model
-from creditscape._files import save_arrays
+from creditscape._files import load_arrays, save_arrays
 from creditscape.curvature import _select, block_loss, hvp, lanczos, lanczos_tridiagonal, top_ritz_value
+from creditscape.errors import DamagedFile
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, check_scored_steps, draw_noise, evaluate, l2_gradient, l2_penalty
 from creditscape.rules import Rule, gradient_alignment
@@ -364,10 +365,14 @@ def _snapshot(states, v, losses, evals, seconds, trajectory) -> dict:
 
 def _restore(snap: dict, states):
     leaves, treedef = jax.tree.flatten(states)
+    if not {"v", "losses", "seconds"} <= set(snap) or not any(k.startswith("eval/") for k in snap):
+        raise DamagedFile(f"The checkpoint lacks {sorted({'v', 'losses', 'seconds', 'eval/…'} - set(snap))}: "
+                          "delete it to start this run again from its beginning.")
     if len(leaves) != sum(k.startswith("state/") for k in snap) or any(
         snap[f"state/{i}"].shape != leaf.shape for i, leaf in enumerate(leaves)
     ):
-        raise ValueError("The checkpoint does not match this ensemble (other model, rule or seeds); delete it to restart.")
+        raise DamagedFile("The checkpoint does not match this ensemble (other model, rule or seeds): delete it to "
+                          "start this run again from its beginning.")
     states = jax.tree.unflatten(treedef, [jnp.asarray(snap[f"state/{i}"]) for i in range(len(leaves))])
     n = snap["seconds"].shape[0]
     evals = [{k[5:]: snap[k][j] for k in snap if k.startswith("eval/")} for j in range(n)]
@@ -450,17 +455,20 @@ def train_ensemble(
         if keep_trajectory:
             trajectory.append(jax.device_get(states.params))
 
-    if checkpoint is not None and Path(checkpoint.path).is_file():
-        with np.load(checkpoint.path) as f:
-            states, v, losses, evals, seconds, trajectory = _restore(dict(f), states)
-    else:
-        record(states)
     n_chunks = tcfg.steps // tcfg.eval_every
     label = progress if isinstance(progress, str) else rule.name
-    last_save = time.monotonic()
-    done = len(evals) - 1
-    with tqdm(total=tcfg.steps, initial=done * tcfg.eval_every, desc=label, disable=not progress, leave=False,
-              unit="it") as bar:
+    with tqdm(total=tcfg.steps, desc=label, disable=not progress, leave=False, unit="it") as bar:
+        if checkpoint is not None and Path(checkpoint.path).is_file():
+            snap = load_arrays(checkpoint.path, "delete it to start this run again from its beginning")
+            states, v, losses, evals, seconds, trajectory = _restore(snap, states)
+        else:
+            # The first evaluation compiles the evaluator and the chunk follows: say so at once.
+            bar.set_postfix_str("compiling, then measuring iteration 0…")
+            record(states)
+            bar.set_postfix_str("compiling the training chunk…")
+        last_save = time.monotonic()
+        done = len(evals) - 1
+        bar.update(done * tcfg.eval_every)
         for i in range(done, n_chunks):
             if np.all((np.asarray(states.diverged_at) >= 0) | (np.asarray(states.reached_at) >= 0)):
                 # Every member has stopped (target reached or diverged): its parameters are frozen, so
