@@ -38,7 +38,7 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "bptt" in printed and "report.html" in printed
+    assert "bptt" in printed and "report.html" in printed and "s left" in printed  # an overall ETA after the first run
     for f in ("config.json", "environment.json", "final.parquet", "history.parquet", "slices.parquet", "report.md",
               "report.html", "figures/per_condition.png", "figures/per_condition.svg", "figures/curvature_vs_gap.png",
               "figures/perturbed.png", "figures/slices_1d.png", "figures/slices_2d.svg",

@@ -191,6 +191,10 @@ def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, fina
     return out
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 CONDITION_SEPARATOR = " · "  # between a rule's label and its grid coordinates in a condition's name
 
 
@@ -318,6 +322,10 @@ def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_secon
     log(f"[creditscape] {exp.name}: {len(exp.cells)} cell(s) x {len(exp.rules)} rules x {members} members "
         f"(seeds x learning rates) -> {out}")
     runs = {}
+    # The overall ETA: seconds per training iteration of the runs done in this process, times the
+    # iterations of the runs still to do (rules with more iterations take longer).
+    iterations = {(c.index, ri): spec.train_config(c.train).steps for c in exp.cells for ri, spec in enumerate(exp.rules)}
+    spent, done_iterations = 0.0, 0
     for cell in exp.cells:
         splits = _splits(exp, cell)
         batch = _curvature_batch(exp, splits)
@@ -330,11 +338,16 @@ def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_secon
                 log(f"  {label}: already done ({path.name}), skipped")
             else:
                 resumed = path.with_suffix(".ckpt.npz").exists()
+                start = time.perf_counter()
                 r = _run(exp, cell, spec, splits, batch, final_measurements, path, progress, checkpoint_seconds)
                 save_arrays(path, r)
                 path.with_suffix(".ckpt.npz").unlink(missing_ok=True)
+                spent += time.perf_counter() - start
+                done_iterations += iterations[cell.index, ri]
+                left = sum(n for k, n in iterations.items() if k not in runs and k != (cell.index, ri))
+                eta = f"; about {_duration(spent / done_iterations * left)} left" if left else ""
                 log(f"  {label}: {'resumed from its checkpoint, ' if resumed else ''}trained in "
-                    f"{float(r['train_seconds']):.1f}s, measured in {float(r['measure_seconds']):.1f}s")
+                    f"{float(r['train_seconds']):.1f}s, measured in {float(r['measure_seconds']):.1f}s{eta}")
             runs[cell.index, ri] = load_arrays(path)
     final, history = _tables(exp, runs)
     atomic_write_bytes(out / "final.parquet", lambda f: final.to_parquet(f, index=False))
