@@ -155,3 +155,27 @@ def test_grid_expansion():
                           ({"name": "eprop", "train": {"learning_rate": 0.1}}, "both for the rule and in \\[grid\\]")]:
         with pytest.raises(ConfigError, match=message):
             resolve({**raw, "rules": [rule]})
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_ends_with_status_130(tmp_path):
+    # One long compiled chunk (2,000 iterations): Python can act on Ctrl-C only when it returns,
+    # but the acknowledgement comes at once, and the process ends with 130, not a crash.
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text(SLOW.replace("steps = 1000", "steps = 4000").replace("eval_every = 20", "eval_every = 2000"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "creditscape.cli", "run", "--config", str(cfg), "--out", str(out),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    deadline = time.monotonic() + 240
+    while not (out / "config.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)
+    assert proc.poll() is None, proc.stderr.read()
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    while "interrupt received" not in (line := proc.stderr.readline()) and line:
+        pass
+    acknowledged = time.monotonic() - sent
+    rest = proc.communicate(timeout=300)[1]
+    assert "interrupt received" in line and acknowledged < 5, (line, acknowledged)
+    assert proc.returncode == 130 and "rerun the same command to resume" in rest

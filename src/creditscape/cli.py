@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import textwrap
+import threading
 
 from creditscape import presets
 from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError
@@ -15,7 +17,30 @@ from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
+def _acknowledge_interrupts() -> None:
+    """Say at once that Ctrl-C was received. Python acts on it only when the compiled chunk in
+    flight returns (tens of seconds on large runs); the signal's byte on a wakeup pipe reaches a
+    watcher thread immediately, since a waiting JAX call does not hold the interpreter lock."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write)
+
+    def watch():
+        while True:
+            if signal.SIGINT in os.read(read, 16):
+                print("\ncreditscape: interrupt received; stopping when the current compiled chunk returns "
+                      "(finished runs and the last checkpoint are kept)…", file=sys.stderr, flush=True)
+                _ACKNOWLEDGED.set()
+
+    threading.Thread(target=watch, daemon=True, name="interrupt-acknowledger").start()
+
+
+_ACKNOWLEDGED = threading.Event()
+
+
 def _cmd_run(args) -> int:
+    if threading.current_thread() is threading.main_thread():
+        _acknowledge_interrupts()
     if args.deterministic:  # read by XLA when the backend starts, which has not happened yet
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + DETERMINISTIC_XLA_FLAG).strip()
     from creditscape.config import load
@@ -149,5 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``creditscape`` console script: :func:`main`, then exit with its status. After Ctrl-C
+    it leaves without the interpreter's teardown, which can crash (SIGSEGV) while XLA still holds
+    the interrupted computation; every results file is already complete on disk (atomic writes)."""
+    status = main()
+    if status == 130:
+        _ACKNOWLEDGED.wait(1.0)  # the watcher's line comes first, even when Python acted at once
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
