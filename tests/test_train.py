@@ -251,3 +251,17 @@ def test_history_on_a_subset_and_the_last_evaluation_on_the_whole_sets(cue):
     expected = make_set_evaluator(cfg)(middle, whole.structs, first)
     for key in ("train_loss", "test_loss"):
         np.testing.assert_allclose(part.evals[key][:, 1], expected[key], rtol=1e-6)
+
+
+def test_a_program_larger_than_the_device_is_refused_before_it_runs(cue):
+    from creditscape.train import check_memory, device_memory
+
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 8, task.n_out)
+    tcfg = TrainConfig(steps=10, eval_every=10)
+    rule = get_rule("bptt")
+    states, structs, rs = init_ensemble(cfg, rule, tcfg, [0, 1], jnp.float32)
+    compiled = make_chunk(cfg, rule, tcfg).lower(states, structs, rs, to_device(s.train)).compile()
+    check_memory(compiled, "this", available=device_memory())  # fits
+    with pytest.raises(MemoryError, match="this needs about .* GiB at once; this device has"):
+        check_memory(compiled, "this", available=1024)

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"creditscape: configuration error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FolderInUse, ResultsFolderError) as err:
+    except (FileNotFoundError, FolderInUse, ResultsFolderError, MemoryError) as err:
         print(f"creditscape: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

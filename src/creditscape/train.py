@@ -20,6 +20,7 @@ ensemble on fixed sets and measures gradient alignment; nothing recompiles along
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -306,7 +307,7 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
     compiled = jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, 0, 0)))
 
     def evaluator(*args) -> dict:
-        out = jax.device_get(compiled(*args))
+        out = jax.device_get(evaluator.program(*args))
         if "preconditioned_tridiagonal" in out:
             # Its eigenvalues on the host: a second eigensolver call in the compiled program (beside
             # λ_max's) deadlocked XLA's CPU runtime on two cores (all threads idle, waiting).
@@ -314,7 +315,35 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
             out["preconditioned_sharpness"] = np.array([top_ritz_value(t, d) for t, d in zip(tri, dim)])
         return out
 
+    evaluator.program = compiled  # :func:`train_ensemble` swaps in its compiled form after a size check
     return evaluator
+
+
+def device_memory() -> int | None:
+    """Bytes the first device can hold: the accelerator's limit, or the machine's physical memory
+    for the CPU (None where neither is known)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(compiled, what: str, available: int | None = None) -> None:
+    """Refuse, before it runs, a compiled program whose buffers (arguments, outputs and
+    temporaries, by XLA's own count) exceed the device's memory (``available``, default
+    :func:`device_memory`), instead of failing with an out-of-memory error part-way through."""
+    stats = compiled.memory_analysis()
+    available = device_memory() if available is None else available
+    if stats is None or available is None:
+        return
+    need = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
+    if need > available:
+        raise MemoryError(f"{what} needs about {need / 2**30:.1f} GiB at once; this device has "
+                          f"{available / 2**30:.1f} GiB. Use fewer seeds or learning rates per run (or a smaller "
+                          f"batch), or a machine with more memory.")
 
 
 class TrainResult(NamedTuple):
@@ -458,14 +487,21 @@ def train_ensemble(
     n_chunks = tcfg.steps // tcfg.eval_every
     label = progress if isinstance(progress, str) else rule.name
     with tqdm(total=tcfg.steps, desc=label, disable=not progress, leave=False, unit="it") as bar:
-        if checkpoint is not None and Path(checkpoint.path).is_file():
+        resumed = checkpoint is not None and Path(checkpoint.path).is_file()
+        if resumed:
             snap = load_arrays(checkpoint.path, "delete it to start this run again from its beginning")
             states, v, losses, evals, seconds, trajectory = _restore(snap, states)
-        else:
-            # The first evaluation compiles the evaluator and the chunk follows: say so at once.
-            bar.set_postfix_str("compiling, then measuring iteration 0…")
+        # Both programs compiled here, once, so that their sizes are checked before any work.
+        bar.set_postfix_str("compiling…")
+        what = f"{len(seeds)} members with {rule.name}"
+        evaluator.program = evaluator.program.lower(states.params, structs, rule_states, history_sets, align_batch, v,
+                                                    states.opt_state).compile()
+        check_memory(evaluator.program, f"Evaluating {what}")
+        chunk = chunk.lower(states, structs, rule_states, train_set).compile()
+        check_memory(chunk, f"Training {what}")
+        if not resumed:
+            bar.set_postfix_str("measuring iteration 0…")
             record(states)
-            bar.set_postfix_str("compiling the training chunk…")
         last_save = time.monotonic()
         done = len(evals) - 1
         bar.update(done * tcfg.eval_every)
