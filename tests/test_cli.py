@@ -36,6 +36,10 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY)
     out = tmp_path / "out"
+    # A folder left by a run that stopped before any result (e.g. refused as too large) takes a
+    # corrected configuration.
+    (out / "runs").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"seeds": [0, 1, 2], "note": "another configuration"}))
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "bptt" in printed and "report.html" in printed and "s left" in printed  # an overall ETA after the first run

@@ -305,7 +305,8 @@ def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_secon
         stale.unlink()  # half-written temporaries of an interrupted write (the real files are intact)
     config_path = out / "config.json"
     resolved = resolved_dict(exp)
-    if config_path.exists():
+    holds_results = any((out / "runs").glob("*.npz"))  # finished runs or checkpoints
+    if config_path.exists() and holds_results:  # (a folder without any is free to take a new config)
         changed = _differences(json.loads(config_path.read_text()), json.loads(json.dumps(resolved)))
         if changed:
             raise ResultsFolderError(
