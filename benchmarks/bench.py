@@ -180,7 +180,7 @@ def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1):
     chunk = make_chunk(cfg, rule, tcfg)
     states, structs, rs = init_ensemble(cfg, rule, tcfg, list(range(seeds)))
     # make_chunk donates its state argument: keep a copy to call it repeatedly on the same input.
-    return lambda: chunk(jax.tree.map(jnp.copy, states), structs, rs, train)
+    return lambda: chunk(jax.tree.map(jnp.copy, states), structs, rs, train, 0, CHUNK)
 
 
 def targets(r: dict) -> dict[str, tuple[str, bool | None]]:

@@ -1,4 +1,5 @@
-"""Small model configurations shared by the rule and curvature tests (cases as data)."""
+"""Small model configurations shared by the rule and curvature tests (cases as data), and the
+small experiment the fault tests run."""
 
 import itertools
 
@@ -62,3 +63,29 @@ def assert_close(a, b, rtol=1e-10):
     scale = max(np.abs(b).max(), 1e-300)
     err = np.abs(a - b).max() / scale
     assert err < rtol, f"relative error {err:.3g} > {rtol}"
+
+
+# Two rules, two seeds, 1,000 iterations: about ten seconds, long enough to be interrupted.
+SLOW_EXPERIMENT = """
+name = "resumable"
+seeds = 2
+rules = ["eprop", "bptt"]
+[task]
+name = "cue_recall"
+n_train = 64
+n_test = 64
+delay = 6
+[model]
+n_rec = 16
+[train]
+optimizer = "sgd"
+learning_rate = 0.05
+steps = 1000
+eval_every = 20
+batch_size = 16
+[measure]
+curvature_batch = 32
+lanczos_steps = 8
+trace_probes = 6
+slice_points = 5
+"""

@@ -106,8 +106,14 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert "different configuration" in (err := capsys.readouterr().err) and "cells.0.model.n_rec: 8 -> 9" in err
-    # A folder another run holds is refused at once (the OS lock of `exclusive`).
+    # Other data under the same configuration (other MNIST files, say) are refused, by content.
     cfg.write_text(TINY)
+    fingerprints = json.loads((out / "data.json").read_text())
+    (out / "data.json").write_text(json.dumps({**fingerprints, "cell 0": "0" * 64}))
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "The data of cell 0 (cue_recall) differ" in capsys.readouterr().err
+    (out / "data.json").write_text(json.dumps(fingerprints))
+    # A folder another run holds is refused at once (the OS lock of `exclusive`).
     with exclusive(out, "a test"):
         assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert "is in use by a test" in capsys.readouterr().err
@@ -260,10 +266,25 @@ def test_bad_numbers_on_the_command_line_stop_at_once(argv, capsys):
 
 
 def test_the_command_line_starts_without_jax():
-    # `creditscape --help` and argument errors answer at once: JAX is imported only for work.
+    # `creditscape --help`, argument errors and `creditscape rules` answer at once: JAX is imported
+    # only for work.
     import subprocess
     import sys
 
-    code = ("import sys\nfrom creditscape.cli import build_parser\nbuild_parser().format_help()\n"
-            "assert 'jax' not in sys.modules and 'scipy' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys\nfrom creditscape.cli import build_parser, main\nbuild_parser().format_help()\n"
+            "assert main(['rules']) == 0\nassert 'jax' not in sys.modules and 'scipy' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
+
+
+def test_the_rule_listing_read_from_source_is_the_registry():
+    import dataclasses
+
+    from creditscape.rule_catalogue import builtin_rules
+    from creditscape.rules import rule_class, rule_names
+
+    listed = builtin_rules()
+    assert [r.name for r in listed] == rule_names()
+    for entry in listed:
+        cls = rule_class(entry.name)
+        assert (entry.formula, entry.forms) == (cls.formula, cls.forms)
+        assert entry.options == {f.name: f.default for f in dataclasses.fields(cls)}

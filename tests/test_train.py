@@ -61,20 +61,26 @@ def test_divergence_is_per_seed_and_chunk_compiles_once(cue):
     train = to_device(s.train)
     chunk = make_chunk(cfg, rule, tcfg)
 
-    def run(poison):
+    def run(poison, pieces=((0, 10), (0, 10))):
         states, structs, rs = init_ensemble(cfg, rule, tcfg, [0, 1, 2], jnp.float32)
         if poison:
             w = states.params.w_rec.at[1].set(jnp.inf)
             states = states._replace(params=states.params._replace(w_rec=w))
         losses = []
-        for _ in range(2):
-            states, l = chunk(states, structs, rs, train)
-            losses.append(np.asarray(l))
+        for start, stop in pieces:
+            states, l = chunk(states, structs, rs, train, start, stop)
+            losses.append(np.asarray(l)[:, start:stop])
+            assert np.all(np.isnan(np.delete(np.asarray(l), np.s_[start:stop], axis=1)))
         return states, np.concatenate(losses, 1)
 
     clean, clean_losses = run(False)
     poisoned, poisoned_losses = run(True)
-    assert len(traces) == 1  # four calls, one trace and compilation
+    # The same 20 iterations in uneven pieces (as train_ensemble splits a chunk): identical bits.
+    split, split_losses = run(False, ((0, 10), (0, 1), (1, 7), (7, 10)))
+    assert len(traces) == 1  # eight calls, one trace and compilation
+    np.testing.assert_array_equal(split_losses, clean_losses)
+    for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(clean)):
+        np.testing.assert_array_equal(a, b)
     assert list(np.asarray(poisoned.diverged_at)) == [-1, 0, -1]
     assert np.all(np.isnan(poisoned_losses[1]))
     for i in (0, 2):
@@ -219,7 +225,7 @@ def test_preconditioned_sharpness_against_the_dense_hessian(cue):
     v0 = jax.random.normal(jax.random.PRNGKey(1), (2, 25), jnp.float64)
     before = evaluator(states.params, structs, rs, {}, batch, v0, states.opt_state)
     assert np.all(np.isnan(before["preconditioned_sharpness"]))
-    states, _ = make_chunk(cfg, rule, tcfg)(states, structs, rs, train)
+    states, _ = make_chunk(cfg, rule, tcfg)(states, structs, rs, train, 0, 10)
     after = evaluator(states.params, structs, rs, {}, batch, v0, states.opt_state)
     for i in range(2):
         member = jax.tree.map(lambda a: a[i], (states.params, structs, states.opt_state))
@@ -261,7 +267,7 @@ def test_a_program_larger_than_the_device_is_refused_before_it_runs(cue):
     tcfg = TrainConfig(steps=10, eval_every=10)
     rule = get_rule("bptt")
     states, structs, rs = init_ensemble(cfg, rule, tcfg, [0, 1], jnp.float32)
-    compiled = make_chunk(cfg, rule, tcfg).lower(states, structs, rs, to_device(s.train)).compile()
+    compiled = make_chunk(cfg, rule, tcfg).lower(states, structs, rs, to_device(s.train), 0, 10).compile()
     check_memory(compiled, "this", available=device_memory())  # fits
     with pytest.raises(MemoryError, match="this needs about .* GiB at once; this device has"):
         check_memory(compiled, "this", available=1024)

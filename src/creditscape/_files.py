@@ -15,9 +15,10 @@ from creditscape.errors import DamagedFile, FolderInUse
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(f)`` on a temporary file in the same folder, then rename it onto ``path``."""
+    """Call ``write(f)`` on a temporary file in the same folder, then rename it onto ``path``. The
+    temporary's name holds the process id, so no two processes ever write the same one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         write(f)
         f.flush()

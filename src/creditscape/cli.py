@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
 import textwrap
 import threading
 
-from creditscape import presets
+from creditscape import presets, stopping
 from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError
 
 
@@ -30,12 +29,9 @@ def _acknowledge_interrupts() -> None:
             if signal.SIGINT in os.read(read, 16):
                 print("\ncreditscape: interrupt received; stopping when the current compiled chunk returns "
                       "(finished runs and the last checkpoint are kept)…", file=sys.stderr, flush=True)
-                _ACKNOWLEDGED.set()
+                stopping.requested.set()
 
     threading.Thread(target=watch, daemon=True, name="interrupt-acknowledger").start()
-
-
-_ACKNOWLEDGED = threading.Event()
 
 
 def _cmd_run(args) -> int:
@@ -94,13 +90,12 @@ def _cmd_tasks(args) -> int:
 
 
 def _cmd_rules(args) -> int:
-    from creditscape.rules import rule_class, rule_names
+    from creditscape.rule_catalogue import builtin_rules
 
-    for name in rule_names():
-        cls = rule_class(name)
-        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
-        print(f"{name:13s} {cls.formula}")
-        print(f"{'':13s} forms: {', '.join(cls.forms)}" + (f"; options: {options}" if options else ""))
+    for rule in builtin_rules():
+        options = ", ".join(f"{k}={v!r}" for k, v in rule.options.items())
+        print(f"{rule.name:13s} {rule.formula}")
+        print(f"{'':13s} forms: {', '.join(rule.forms)}" + (f"; options: {options}" if options else ""))
     return 0
 
 
@@ -168,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FolderInUse, ResultsFolderError, MemoryError) as err:
         print(f"creditscape: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output was piped into a command that stopped reading (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ncreditscape: interrupted. Finished runs and the last checkpoint are saved; rerun the same command "
               "to resume.", file=sys.stderr)
@@ -180,7 +178,7 @@ def entry() -> None:
     the interrupted computation; every results file is already complete on disk (atomic writes)."""
     status = main()
     if status == 130:
-        _ACKNOWLEDGED.wait(1.0)  # the watcher's line comes first, even when Python acted at once
+        stopping.requested.wait(1.0)  # the watcher's line comes first, even when Python acted at once
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -19,6 +19,7 @@ bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -73,6 +74,34 @@ def _slug(cell: Cell, i: int, spec: RuleSpec) -> str:
 
 def _splits(exp: Experiment, cell: Cell):
     return make_splits(cell.task, cell.n_train, cell.n_test, exp.data_seed, cell.noise_levels)
+
+
+def data_fingerprint(splits) -> str:
+    """SHA-256 of every array of a cell's data sets (shapes, types and values): what a results
+    folder compares when a run resumes, so that the same data read from another path (another
+    machine's MNIST folder) resume and other data do not."""
+    digest = hashlib.sha256()
+    for a in jax.tree.leaves(splits):
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.shape}{a.dtype}".encode())
+        digest.update(a.data)
+    return digest.hexdigest()
+
+
+def _check_data(out: Path, cell: Cell, splits) -> None:
+    """Record the fingerprint of ``cell``'s data in ``out/data.json``, or refuse data that differ
+    from those its runs were computed on."""
+    path = out / "data.json"
+    seen = json.loads(path.read_text()) if path.exists() else {}
+    key, fingerprint = f"cell {cell.index}", data_fingerprint(splits)
+    if seen.get(key, fingerprint) != fingerprint and any((out / "runs").glob(f"c{cell.index:02d}-*.npz")):
+        raise ResultsFolderError(
+            f"The data of {key} ({cell.task.name}) differ from those the runs in {out} were computed on "
+            f"(data fingerprint {fingerprint[:12]}… against {seen[key][:12]}… in {path}): other MNIST files, or "
+            "another version of a task's generator. Point --mnist-dir at the files used before, use another "
+            "--out folder, or delete this one to start over."
+        )
+    atomic_write_bytes(path, lambda f: f.write(json.dumps({**seen, key: fingerprint}, indent=2).encode()))
 
 
 def _curvature_batch(exp: Experiment, splits) -> Batch:
@@ -329,6 +358,7 @@ def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_secon
     spent, done_iterations = 0.0, 0
     for cell in exp.cells:
         splits = _splits(exp, cell)
+        _check_data(out, cell, splits)
         batch = _curvature_batch(exp, splits)
         final_measurements = make_final_measurements(exp, cell, batch)
         where = "".join(f" {k}={v}" for k, v in cell.values)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from jax.flatten_util import ravel_pytree
 
 from creditscape import model as _model
+from creditscape import stopping
 from creditscape._files import load_arrays, save_arrays
 from creditscape.curvature import _select, block_loss, hvp, lanczos, lanczos_tridiagonal, top_ritz_value
 from creditscape.errors import DamagedFile
@@ -205,16 +206,46 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
 
 
 def make_chunk(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
-    """Compiled: ``eval_every`` iterations for every seed of an ensemble.
+    """Compiled: iterations ``start`` to ``stop`` of a chunk of ``eval_every`` for every seed.
 
-    (states, structs, rule_states, train_set) → (states, losses (seeds, eval_every)).
+    (states, structs, rule_states, train_set, start, stop) → (states, losses (seeds, eval_every)),
+    the losses of iterations [start, stop) in their places and NaN elsewhere. One program serves
+    every split of a chunk (the bounds are traced), and the result does not depend on the split:
+    each piece runs the same compiled iteration.
     """
     iteration = make_iteration(cfg, rule, tcfg)
 
-    def one_seed(state, struct, rule_state, train_set):
-        return jax.lax.scan(lambda s, _: iteration(s, struct, rule_state, train_set), state, length=tcfg.eval_every)
+    def one_seed(state, struct, rule_state, train_set, start, stop):
+        def body(t, carry):
+            state, losses = carry
+            state, loss = iteration(state, struct, rule_state, train_set)
+            return state, losses.at[t].set(loss)
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None)), donate_argnums=0)
+        losses = jnp.full(tcfg.eval_every, jnp.nan, jnp.result_type(train_set.x, *jax.tree.leaves(state.params)))
+        return jax.lax.fori_loop(start, stop, body, (state, losses))
+
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, None)), donate_argnums=0)
+
+
+PIECE_SECONDS = 1.0  # the longest a stop request waits for training (between two pieces)
+
+
+def _train_chunk(chunk, states, structs, rule_states, train_set, length: int, seconds_per_step: float | None):
+    """One chunk of ``length`` iterations, run in pieces of about :data:`PIECE_SECONDS` so that
+    Ctrl-C is acted on within about that time however long the chunk. Returns (states, losses,
+    measured seconds per iteration), the last to size the next chunk's pieces."""
+    losses = np.full((len(states.diverged_at), length), np.nan)
+    start = 0
+    while start < length:
+        piece = 1 if seconds_per_step is None else max(1, int(PIECE_SECONDS / seconds_per_step))
+        stop = min(length, start + piece)
+        began = time.perf_counter()
+        states, part = chunk(states, structs, rule_states, train_set, start, stop)
+        losses[:, start:stop] = np.asarray(part)[:, start:stop]  # waits for the piece to finish
+        seconds_per_step = (time.perf_counter() - began) / (stop - start)
+        stopping.raise_if_requested()
+        start = stop
+    return states, losses, seconds_per_step
 
 
 class CurvatureProbe(NamedTuple):
@@ -497,7 +528,7 @@ def train_ensemble(
         evaluator.program = evaluator.program.lower(states.params, structs, rule_states, history_sets, align_batch, v,
                                                     states.opt_state).compile()
         check_memory(evaluator.program, f"Evaluating {what}")
-        chunk = chunk.lower(states, structs, rule_states, train_set).compile()
+        chunk = chunk.lower(states, structs, rule_states, train_set, 0, tcfg.eval_every).compile()
         check_memory(chunk, f"Training {what}")
         if not resumed:
             bar.set_postfix_str("measuring iteration 0…")
@@ -505,7 +536,9 @@ def train_ensemble(
         last_save = time.monotonic()
         done = len(evals) - 1
         bar.update(done * tcfg.eval_every)
+        seconds_per_step = None
         for i in range(done, n_chunks):
+            stopping.raise_if_requested()
             if np.all((np.asarray(states.diverged_at) >= 0) | (np.asarray(states.reached_at) >= 0)):
                 # Every member has stopped (target reached or diverged): its parameters are frozen, so
                 # the remaining evaluations are the last one, and there is nothing left to train.
@@ -515,8 +548,9 @@ def train_ensemble(
                 if keep_trajectory:
                     trajectory.append(trajectory[-1])
             else:
-                states, chunk_losses = chunk(states, structs, rule_states, train_set)
-                losses.append(np.asarray(chunk_losses))
+                states, chunk_losses, seconds_per_step = _train_chunk(chunk, states, structs, rule_states, train_set,
+                                                                      tcfg.eval_every, seconds_per_step)
+                losses.append(chunk_losses)
                 record(states)
             bar.update(tcfg.eval_every)
             last = losses[-1][:, -1]
