@@ -184,6 +184,14 @@ def test_missing_mnist_fails_before_work(tmp_path, isolated_home, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_more_devices_than_the_machine_has_stop_before_work(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o"), "--devices", "64"]) == 2
+    assert "devices = 64, but this machine has 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_preset_and_mnist_dir_misuse(tmp_path):
     with pytest.raises(ConfigError, match="Unknown preset 'fast'"):
         load(preset="fast")
@@ -258,7 +266,7 @@ def test_two_iterations_of_smnist_through_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["run", "--checkpoint-seconds", "nan"], ["run", "--checkpoint-seconds", "-5"],
-                                  ["curvature", "somewhere", "--sequences", "-1"]])
+                                  ["curvature", "somewhere", "--sequences", "-1"], ["run", "--devices", "0"]])
 def test_bad_numbers_on_the_command_line_stop_at_once(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -76,16 +76,13 @@ def test_killed_run_resumes_bit_identically_and_damaged_files_are_named(tmp_path
     _assert_same_results(killed, clean)
     env = json.loads((clean / "environment.json").read_text())
     assert {"jax", "devices", "platform", "xla_flags"} <= set(env)
-    # A damaged finished run stops the rerun before any work, naming the file and what to do;
-    # doing it recovers the same results.
+    # A damaged finished run stops the rerun before any work, naming the file and what to do.
+    # (Deleting it and rerunning recomputes it bit for bit: test_tiny_experiment_end_to_end_and_resume.)
     damaged = killed / "runs" / "c00-r00-eprop.npz"
     damaged.write_bytes(damaged.read_bytes()[:1000])
     rerun = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=240)
     assert rerun.returncode == 2 and str(damaged) in rerun.stderr and "delete it and rerun" in rerun.stderr, rerun
     assert "Traceback" not in rerun.stderr
-    damaged.unlink()
-    assert subprocess.run(command, stdout=subprocess.DEVNULL, env=ENV, timeout=240).returncode == 0
-    _assert_same_results(killed, clean)
 
 
 def test_a_second_run_on_a_held_folder_stops_at_once_and_a_dead_holder_does_not_block(tmp_path):

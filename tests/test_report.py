@@ -29,6 +29,13 @@ def test_contrast_holds_its_level_under_the_null():
     assert 0.015 <= np.mean(ps < 0.05) <= 0.09, np.mean(ps < 0.05)
 
 
+def test_smallest_p_is_what_the_permutation_test_gives_to_separated_groups():
+    for n_a, n_b in [(5, 4), (3, 3), (2, 6)]:
+        a, b = np.arange(n_a) + 100.0, np.arange(n_b)  # every a above every b
+        assert stats.contrast(a, b).p == pytest.approx(stats.smallest_p(n_a, n_b), rel=1e-12)
+    assert stats.smallest_p(5, 4) == pytest.approx(2 / 126) and stats.smallest_p(1, 1) == 1.0
+
+
 def test_contrast_of_too_few_or_constant_runs():
     assert np.isnan(stats.contrast([1.0], [2.0, 3.0]).p)
     assert np.isnan(stats.contrast([1.0, np.nan], [2.0, 3.0]).effect)  # one finite value left
@@ -128,7 +135,7 @@ def test_one_computation_is_counted_once():
     A.adjust_all(a["contrasts"], a["correlations"])
     assert set(a["contrasts"].condition) == {"eprop_random"}
     assert set(a["correlations"].scope) <= {"bptt", "eprop_random", "all conditions (condition as stratum)"}
-    assert any("rflo is the same computation as eprop_random" in f for f in _findings(a, None) if isinstance(f, str))
+    assert any("rflo is the same computation as eprop_random" in f for f in _findings(a, None, tests=4) if isinstance(f, str))
 
 
 def test_findings_state_n_test_corrected_p_and_interval():
@@ -137,12 +144,15 @@ def test_findings_state_n_test_corrected_p_and_interval():
     A.adjust_all(a["contrasts"], a["correlations"])
     assert set(a["contrasts"].reading) == {"fixed budget", "matched"}
     assert a["contrasts"].p_adjusted.between(0, 1).all()
-    (head, lines), = [f for f in _findings(a, None) if isinstance(f, tuple)]
+    (head, lines), = [f for f in _findings(a, None, tests=4) if isinstance(f, tuple)]
     assert "**eprop** against bptt (n = 7 vs 8 runs" in head and "permutation tests" in head
-    assert "Benjamini–Hochberg" in head
+    assert "Benjamini–Hochberg" in head and "no permutation test can give" not in head
+    # Few runs: the report says how small a p-value they allow at all (2/C(7+8, 7) = 3.1e-4).
+    (few, _), = [f for f in _findings(a, None, tests=400) if isinstance(f, tuple)]
+    assert "With 7 and 8 runs no permutation test can give p below 3.1e-04" in few and "adjusts to 0.12" in few
     assert all("95% CI [" in line and "p = " in line for line in lines)
     assert "not like-for-like" in lines[1]
-    text = " ".join(f if isinstance(f, str) else f[0] for f in _findings(a, None))
+    text = " ".join(f if isinstance(f, str) else f[0] for f in _findings(a, None, tests=4))
     assert "1 of 16 runs diverged" in text and "eprop seed 2 at iteration 7" in text
 
 

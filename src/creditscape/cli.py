@@ -17,9 +17,10 @@ DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
 def _acknowledge_interrupts() -> None:
-    """Say at once that Ctrl-C was received. Python acts on it only when the compiled chunk in
-    flight returns (tens of seconds on large runs); the signal's byte on a wakeup pipe reaches a
-    watcher thread immediately, since a waiting JAX call does not hold the interpreter lock."""
+    """Say at once that Ctrl-C was received, and request the stop (:mod:`creditscape.stopping`).
+    Python acts on the signal only between compiled calls; the signal's byte on a wakeup pipe
+    reaches a watcher thread immediately, since a waiting JAX call does not hold the interpreter
+    lock."""
     read, write = os.pipe()
     os.set_blocking(write, False)
     signal.set_wakeup_fd(write)
@@ -27,8 +28,9 @@ def _acknowledge_interrupts() -> None:
     def watch():
         while True:
             if signal.SIGINT in os.read(read, 16):
-                print("\ncreditscape: interrupt received; stopping when the current compiled chunk returns "
-                      "(finished runs and the last checkpoint are kept)…", file=sys.stderr, flush=True)
+                print("\ncreditscape: interrupt received; stopping within about a second of training (an evaluation "
+                      "or the final measurements in progress finish first; finished runs and the last checkpoint "
+                      "are kept)…", file=sys.stderr, flush=True)
                 stopping.requested.set()
 
     threading.Thread(target=watch, daemon=True, name="interrupt-acknowledger").start()
@@ -45,7 +47,8 @@ def _cmd_run(args) -> int:
 
     exp = load(args.config, preset=args.preset, mnist_dir=args.mnist_dir)
     out = args.out or f"results/{exp.name}"
-    final = run_experiment(exp, out, progress=not args.quiet, checkpoint_seconds=args.checkpoint_seconds)
+    final = run_experiment(exp, out, progress=not args.quiet, checkpoint_seconds=args.checkpoint_seconds,
+                           devices=args.devices)
     page = write_report(out)
     table = summary_table(final)
     cols = [c for c in ("task", "condition", "diverged", "train_accuracy", "test_accuracy", "gap_loss", "lambda_max")
@@ -106,6 +109,13 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number ≥ 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _seconds(text: str) -> float:
     """An argparse type: a finite number of seconds ≥ 0."""
     try:
@@ -129,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--checkpoint-seconds", type=_seconds, default=30.0,
                      help="save the run in flight at most this often (default 30; 0: at every evaluation)")
+    run.add_argument("--devices", type=_positive, default=None,
+                     help="spread each run's members over this many local devices (default: all of them)")
     run.add_argument("--deterministic", action="store_true",
                      help=f"deterministic GPU kernels ({DETERMINISTIC_XLA_FLAG}); CPU runs are deterministic anyway")
     run.set_defaults(func=_cmd_run)

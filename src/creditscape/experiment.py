@@ -38,7 +38,8 @@ from creditscape import __version__
 from creditscape._files import atomic_write_bytes, exclusive, load_arrays, save_arrays
 from creditscape.config import Cell, Experiment, RuleSpec, resolve, resolved_dict
 from creditscape.curvature import block_loss, hutch_plus_plus, hvp, lanczos
-from creditscape.errors import ResultsFolderError
+from creditscape.devices import MemberSharding
+from creditscape.errors import ConfigError, ResultsFolderError
 from creditscape.theory import arnoldi, estimate_on_block, jacobian_vector_product, ritz_values
 from creditscape.model import Params, Structure
 from creditscape.objective import Batch
@@ -183,7 +184,7 @@ def update_map_eigenvalues(exp: Experiment, cell: Cell, spec: RuleSpec, batch: B
 
 
 def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, final_measurements, path: Path,
-         progress, checkpoint_seconds) -> dict:
+         progress, checkpoint_seconds, devices) -> dict:
     start = time.perf_counter()
     tcfg = spec.train_config(cell.train)
     m = exp.measure
@@ -195,7 +196,7 @@ def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, fina
     result = train_ensemble(
         cell.model, spec.rule, tcfg, seeds, splits.train, eval_sets, learning_rates=lrs, probe=probe,
         keep_trajectory=m.save_trajectory, checkpoint=Checkpoint(path.with_suffix(".ckpt.npz"), checkpoint_seconds),
-        progress=spec.label if progress else False, history_sequences=m.history_sequences,
+        progress=spec.label if progress else False, history_sequences=m.history_sequences, devices=devices,
     )
     measure_start = time.perf_counter()
     if progress:  # often longer than the bar's last evaluations: not silent
@@ -302,12 +303,17 @@ def _slices(exp: Experiment, runs: dict[tuple[int, int], dict]) -> pd.DataFrame:
 
 
 def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, checkpoint_seconds: float = 30.0,
-                   log=print) -> pd.DataFrame:
+                   devices: int | None = None, log=print) -> pd.DataFrame:
     """Run (or resume) ``exp`` into folder ``out`` and return the table of final metrics.
 
     ``checkpoint_seconds``: the run in flight saves its progress at most this often (and at every
-    evaluation when 0); results do not depend on it.
+    evaluation when 0); results do not depend on it. ``devices``: train each run's members spread
+    over this many local devices (default: all); results agree with one device's to rounding.
     """
+    try:
+        devices = MemberSharding(devices).count
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     out = Path(out)
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -315,7 +321,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, c
         raise ResultsFolderError(f"Cannot create the results folder {out} ({err.strerror}). "
                                  "Give a writable folder with --out.") from None
     with exclusive(out):
-        return _run_experiment(exp, out, progress, checkpoint_seconds, log)
+        return _run_experiment(exp, out, progress, checkpoint_seconds, devices, log)
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -329,7 +335,8 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: float, log) -> pd.DataFrame:
+def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: float, devices: int,
+                    log) -> pd.DataFrame:
     for stale in [*out.glob("*.tmp"), *(out / "runs").glob("*.tmp")]:
         stale.unlink()  # half-written temporaries of an interrupted write (the real files are intact)
     config_path = out / "config.json"
@@ -345,7 +352,8 @@ def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_secon
             )
     atomic_write_bytes(config_path, lambda f: f.write(json.dumps(resolved, indent=2).encode()))
     atomic_write_bytes(out / "config.input.json", lambda f: f.write(json.dumps(exp.raw, indent=2).encode()))
-    atomic_write_bytes(out / "environment.json", lambda f: f.write(json.dumps(environment(), indent=2).encode()))
+    atomic_write_bytes(out / "environment.json",
+                       lambda f: f.write(json.dumps({**environment(), "devices_used": devices}, indent=2).encode()))
 
     n_runs = len(exp.cells) * len(exp.rules)
     members = len(exp.members(exp.cells[0], exp.rules[0]))
@@ -370,7 +378,7 @@ def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_secon
             else:
                 resumed = path.with_suffix(".ckpt.npz").exists()
                 start = time.perf_counter()
-                r = _run(exp, cell, spec, splits, batch, final_measurements, path, progress, checkpoint_seconds)
+                r = _run(exp, cell, spec, splits, batch, final_measurements, path, progress, checkpoint_seconds, devices)
                 save_arrays(path, r)
                 path.with_suffix(".ckpt.npz").unlink(missing_ok=True)
                 spent += time.perf_counter() - start

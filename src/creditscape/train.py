@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from creditscape import model as _model
 from creditscape import stopping
 from creditscape._files import load_arrays, save_arrays
+from creditscape.devices import MemberSharding, first_members, pad_members
 from creditscape.curvature import _select, block_loss, hvp, lanczos, lanczos_tridiagonal, top_ritz_value
 from creditscape.errors import DamagedFile
 from creditscape.model import ModelConfig, Params, Structure
@@ -459,6 +460,7 @@ def train_ensemble(
     checkpoint: Checkpoint | None = None,
     progress: bool | str = True,
     history_sequences: int = 0,
+    devices: int | None = None,
 ) -> TrainResult:
     """Train one network per member with ``rule``; evaluate at every chunk boundary.
 
@@ -477,30 +479,40 @@ def train_ensemble(
             ``history_sequences`` sequences of each evaluation set, and only the last one the
             whole sets (what the final tables report); the cost of the evaluations falls in
             proportion.
+        devices: spread the members over this many local devices (default: all of them); the
+            results are those of one device, bit for bit.
     """
     if train_set.x.shape[-1] != cfg.n_in:
         raise ValueError(f"Training inputs have {train_set.x.shape[-1]} channels; the model has n_in={cfg.n_in}.")
     for name, batch in {"train_set": train_set, **(eval_sets or {}),
                         **({"probe batch": probe.batch} if probe else {})}.items():
         check_scored_steps(cfg, batch, name)
-    train_set = to_device(train_set)
-    eval_sets = {k: to_device(v) for k, v in (eval_sets or {"train": train_set}).items()}
+    layout = MemberSharding(devices)
+    train_set = layout.replicate(to_device(train_set))
+    eval_sets = {k: layout.replicate(to_device(v)) for k, v in (eval_sets or {"train": train_set}).items()}
     history_sets = eval_sets
     if history_sequences and any(b.x.shape[0] > history_sequences for b in eval_sets.values()):
         history_sets = {k: jax.tree.map(lambda a: a[:history_sequences], b) for k, b in eval_sets.items()}
     align_batch = jax.tree.map(lambda a: a[:align_size], train_set)
     seeds = list(seeds)
-    states, structs, rule_states = init_ensemble(cfg, rule, tcfg, seeds, train_set.x.dtype, learning_rates)
+    n = len(seeds)
+    lrs = [tcfg.learning_rate] * n if learning_rates is None else list(learning_rates)
+    # Padded members copy the last one; the checkpoint and the result hold the first n only.
+    members = layout.padded(n)
+    states, structs, rule_states = layout.shard(init_ensemble(
+        cfg, rule, tcfg, pad_members(np.asarray(seeds), members), train_set.x.dtype,
+        pad_members(np.asarray(lrs, dtype=np.float64), members)))
     chunk = make_chunk(cfg, rule, tcfg)
     evaluator = make_evaluator(cfg, rule, tcfg, probe)
     if probe is not None:
         dim = ravel_pytree(_select(jax.tree.map(lambda a: a[0], states.params), probe.block))[0].shape[0]
-        v = jax.random.normal(jax.random.PRNGKey(len(seeds)), (len(seeds), dim), train_set.x.dtype)
+        v = pad_members(jax.random.normal(jax.random.PRNGKey(n), (n, dim), train_set.x.dtype), members)
     else:
-        v = jnp.zeros((len(seeds), 1), train_set.x.dtype)
+        v = jnp.zeros((members, 1), train_set.x.dtype)
     # Warm start of the next Lanczos: the last v₁ plus a tenth of the first (random) start, so that
     # the Krylov space also holds other directions (from v₁ alone it would be exhausted at once on
     # an unchanged network, and λ₂ unknown).
+    v = layout.shard(v)
     v_random = 0.1 * v / jnp.linalg.norm(v, axis=1, keepdims=True)
     seconds, evals, losses, trajectory = [], [], [], []
 
@@ -510,7 +522,7 @@ def train_ensemble(
         out = evaluator(states.params, structs, rule_states, history_sets, align_batch, v, states.opt_state)
         seconds.append(time.perf_counter() - start)
         if probe is not None:
-            v = jnp.asarray(out.pop("v1")) + v_random
+            v = layout.shard(jnp.asarray(out.pop("v1"))) + v_random
         evals.append(out)
         if keep_trajectory:
             trajectory.append(jax.device_get(states.params))
@@ -521,10 +533,12 @@ def train_ensemble(
         resumed = checkpoint is not None and Path(checkpoint.path).is_file()
         if resumed:
             snap = load_arrays(checkpoint.path, "delete it to start this run again from its beginning")
-            states, v, losses, evals, seconds, trajectory = _restore(snap, states)
+            states, v, losses, evals, seconds, trajectory = _restore(snap, first_members(states, n))
+            states, v, losses, evals, trajectory = pad_members((states, v, losses, evals, trajectory), members)
+            states, v = layout.shard((states, v))
         # Both programs compiled here, once, so that their sizes are checked before any work.
         bar.set_postfix_str("compiling…")
-        what = f"{len(seeds)} members with {rule.name}"
+        what = f"{n} members with {rule.name}"
         evaluator.program = evaluator.program.lower(states.params, structs, rule_states, history_sets, align_batch, v,
                                                     states.opt_state).compile()
         check_memory(evaluator.program, f"Evaluating {what}")
@@ -542,7 +556,7 @@ def train_ensemble(
             if np.all((np.asarray(states.diverged_at) >= 0) | (np.asarray(states.reached_at) >= 0)):
                 # Every member has stopped (target reached or diverged): its parameters are frozen, so
                 # the remaining evaluations are the last one, and there is nothing left to train.
-                losses.append(np.full((len(seeds), tcfg.eval_every), np.nan))
+                losses.append(np.full((members, tcfg.eval_every), np.nan))
                 evals.append(evals[-1])
                 seconds.append(0.0)
                 if keep_trajectory:
@@ -560,12 +574,15 @@ def train_ensemble(
                 postfix["reached"] = int((np.asarray(states.reached_at) >= 0).sum())
             bar.set_postfix(postfix)
             if checkpoint is not None and i + 1 < n_chunks and time.monotonic() - last_save >= checkpoint.every_seconds:
-                save_arrays(Path(checkpoint.path), _snapshot(states, v, losses, evals, seconds, trajectory))
+                kept = first_members((states, v, losses, evals, trajectory), n)
+                save_arrays(Path(checkpoint.path), _snapshot(*kept[:4], seconds, kept[4]))
                 last_save = time.monotonic()
     if history_sets is not eval_sets:  # the last evaluation on the whole sets
         start = time.perf_counter()
         evals[-1] = {**evals[-1], **jax.device_get(make_set_evaluator(cfg)(states.params, structs, eval_sets))}
         seconds[-1] += time.perf_counter() - start
+    states, structs, rule_states, losses, evals, trajectory = first_members(
+        (states, structs, rule_states, losses, evals, trajectory), n)
     return TrainResult(
         params=states.params,
         structs=structs,

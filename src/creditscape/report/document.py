@@ -13,6 +13,7 @@ import pandas as pd
 
 from creditscape.report import analysis as A
 from creditscape.report import figures as F
+from creditscape.report import stats as S
 
 SIGNIFICANCE = 0.05  # on Benjamini–Hochberg adjusted p-values
 FIT_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "gap_loss", "perturbed_gap")
@@ -71,14 +72,21 @@ def _effect(row) -> str:
             f"p = {number(row.p_adjusted, 2)})")
 
 
-def _contrast_findings(contrasts: pd.DataFrame, matched: pd.DataFrame, level_text: str) -> list:
-    """One finding per condition, with one line per reading (matched loss, fixed budget)."""
+def _contrast_findings(contrasts: pd.DataFrame, matched: pd.DataFrame, level_text: str, tests: int) -> list:
+    """One finding per condition, with one line per reading (matched loss, fixed budget).
+    ``tests``: the number of p-values adjusted together in the report."""
     out = []
     for cond in dict.fromkeys(contrasts.condition):
         c = contrasts[contrasts.condition == cond]
         ref, n, n_ref = c.reference.iloc[0], c.n.max(), c.n_reference.max()
         head = (f"**{cond}** against {ref} (n = {n} vs {n_ref} runs; differences of medians with bootstrap "
                 "intervals; permutation tests, p adjusted by Benjamini–Hochberg over the whole report):")
+        floor = S.smallest_p(int(n), int(n_ref))
+        if floor * tests > SIGNIFICANCE:
+            head = head[:-1] + (f". With {n} and {n_ref} runs no permutation test can give p below {number(floor, 2)}, "
+                                f"and a single such difference among the report's {tests} tests adjusts to "
+                                f"{number(min(1.0, floor * tests), 2)}: only several strong differences together can "
+                                "be shown; more seeds make each one testable:")
         lines = []
         m = c[(c.reading == "matched") & (c.metric != "train_loss")]
         if len(m):
@@ -254,7 +262,7 @@ def _level_text(levels: pd.Series, target) -> str:
     return f"L* = {values}, the lowest training loss every run reached"
 
 
-def _findings(a: dict, target) -> list:
+def _findings(a: dict, target, tests: int) -> list:
     """The findings of one task: sentences, or (sentence, [lines under it])."""
     final = a["final"]
     out = []
@@ -262,7 +270,7 @@ def _findings(a: dict, target) -> list:
     if verdict:
         out.append(verdict)
     if len(a["contrasts"]):
-        out += _contrast_findings(a["contrasts"], a["matched"], _level_text(a["levels"], target))
+        out += _contrast_findings(a["contrasts"], a["matched"], _level_text(a["levels"], target), tests)
     if len(a["correlations"]):
         out += _correlation_findings(a["correlations"])
     for left_out, kept in a["dropped"]:
@@ -330,7 +338,9 @@ def write_report(folder: str | Path) -> Path:
         f_t = final[final.task == task].dropna(axis=1, how="all")
         h_t = history[history.task == task].dropna(axis=1, how="all")
         analyses[task] = _analyse(f_t, h_t, cells[task]["train"].get("target_loss"))
-    A.adjust_all(*[t for a in analyses.values() for t in (a["contrasts"], a["correlations"])])
+    tested = [t for a in analyses.values() for t in (a["contrasts"], a["correlations"])]
+    A.adjust_all(*tested)
+    tests = sum(int(np.isfinite(t.p.to_numpy(float)).sum()) for t in tested if "p" in t)
 
     intro = (f"{len(config['cells'])} grid cell(s), {len(config['rules'])} rules, {len(config['seeds'])} seeds; "
              f"{len(final)} runs in all.")
@@ -366,7 +376,7 @@ def write_report(folder: str | Path) -> Path:
             ("Curvature against the gaps", _correlation_table(a["correlations"])),
             ("Stability theory at the end", _theory_table(A.counted(a["final"])[0])),
         ]
-        findings = _findings(a, target)
+        findings = _findings(a, target, tests)
         setup = _setup(cell, config)
         md += ["", f"## {task}", "", setup, "", "### Findings", ""]
         page += [f"<h2>{html.escape(task)}</h2><p>{html.escape(setup)}</p>", "<h3>Findings</h3><ul>"]

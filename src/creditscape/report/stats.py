@@ -15,6 +15,7 @@ Non-finite values are dropped pairwise; groups too small for a statistic give Na
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -68,6 +69,13 @@ def contrast(a, b, *, resamples: int = RESAMPLES, seed: int = 0) -> Contrast:
                                   n_resamples=resamples, rng=rng)
     ci = boot.confidence_interval
     return Contrast(len(a), len(b), effect, (float(ci.low), float(ci.high)), float(perm.pvalue))
+
+
+def smallest_p(n_a: int, n_b: int) -> float:
+    """The smallest two-sided p-value that a permutation test of ``n_a`` against ``n_b`` runs can
+    give, 2 / C(n_a + n_b, n_a) (the two most extreme of all splits), at most 1. With 5 against 4
+    runs it is 0.016: few seeds bound what any data can show."""
+    return min(1.0, 2 / math.comb(n_a + n_b, n_a))
 
 
 class Correlation(NamedTuple):
