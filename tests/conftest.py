@@ -16,7 +16,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # XLA's backend optimizations make compiling slower than running these small programs; they do
 # not change what a program computes (the references' tolerances and the bit-identity checks,
 # both sides compiled alike, hold either way).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# One host device, set explicitly so that `creditscape` processes the tests start (which would
+# otherwise take one per core) compute exactly what the in-process runs they are compared with do.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=1").strip()
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))

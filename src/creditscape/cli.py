@@ -14,6 +14,7 @@ from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError
 
 
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
 def _acknowledge_interrupts() -> None:
@@ -39,8 +40,15 @@ def _acknowledge_interrupts() -> None:
 def _cmd_run(args) -> int:
     if threading.current_thread() is threading.main_thread():
         _acknowledge_interrupts()
-    if args.deterministic:  # read by XLA when the backend starts, which has not happened yet
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + DETERMINISTIC_XLA_FLAG).strip()
+    # Read by XLA when its backend starts, which has not happened yet. One host device per core:
+    # one XLA CPU device keeps about one core busy, and the members of a run train in parallel
+    # over the host devices (docs/scale.md; no effect on accelerators). A count already set wins.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if HOST_DEVICES_FLAG not in flags:
+        flags += f" {HOST_DEVICES_FLAG}={len(os.sched_getaffinity(0))}"
+    if args.deterministic:
+        flags += " " + DETERMINISTIC_XLA_FLAG
+    os.environ["XLA_FLAGS"] = flags.strip()
     from creditscape.config import load
     from creditscape.experiment import run_experiment
     from creditscape.report import summary_table, write_report
@@ -140,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-seconds", type=_seconds, default=30.0,
                      help="save the run in flight at most this often (default 30; 0: at every evaluation)")
     run.add_argument("--devices", type=_positive, default=None,
-                     help="spread each run's members over this many local devices (default: all of them)")
+                     help="spread each run's members over at most this many local devices (default: all; on a CPU, "
+                          "one host device per core)")
     run.add_argument("--deterministic", action="store_true",
                      help=f"deterministic GPU kernels ({DETERMINISTIC_XLA_FLAG}); CPU runs are deterministic anyway")
     run.set_defaults(func=_cmd_run)

@@ -308,10 +308,11 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, c
 
     ``checkpoint_seconds``: the run in flight saves its progress at most this often (and at every
     evaluation when 0); results do not depend on it. ``devices``: train each run's members spread
-    over this many local devices (default: all); results agree with one device's to rounding.
+    over at most this many local devices (default: all, but no more than the members); results
+    agree with one device's to rounding.
     """
     try:
-        devices = MemberSharding(devices).count
+        most = MemberSharding(devices).count
     except ValueError as err:
         raise ConfigError(str(err)) from None
     out = Path(out)
@@ -321,7 +322,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, c
         raise ResultsFolderError(f"Cannot create the results folder {out} ({err.strerror}). "
                                  "Give a writable folder with --out.") from None
     with exclusive(out):
-        return _run_experiment(exp, out, progress, checkpoint_seconds, devices, log)
+        return _run_experiment(exp, out, progress, checkpoint_seconds, devices, most, log)
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -335,8 +336,8 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: float, devices: int,
-                    log) -> pd.DataFrame:
+def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: float, devices: int | None,
+                    most_devices: int, log) -> pd.DataFrame:
     for stale in [*out.glob("*.tmp"), *(out / "runs").glob("*.tmp")]:
         stale.unlink()  # half-written temporaries of an interrupted write (the real files are intact)
     config_path = out / "config.json"
@@ -353,7 +354,7 @@ def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_secon
     atomic_write_bytes(config_path, lambda f: f.write(json.dumps(resolved, indent=2).encode()))
     atomic_write_bytes(out / "config.input.json", lambda f: f.write(json.dumps(exp.raw, indent=2).encode()))
     atomic_write_bytes(out / "environment.json",
-                       lambda f: f.write(json.dumps({**environment(), "devices_used": devices}, indent=2).encode()))
+                       lambda f: f.write(json.dumps({**environment(), "member_devices": most_devices}, indent=2).encode()))
 
     n_runs = len(exp.cells) * len(exp.rules)
     members = len(exp.members(exp.cells[0], exp.rules[0]))

@@ -363,15 +363,26 @@ def device_memory() -> int | None:
         return None
 
 
-def check_memory(compiled, what: str, available: int | None = None) -> None:
-    """Refuse, before it runs, a compiled program whose buffers (arguments, outputs and
-    temporaries, by XLA's own count) exceed the device's memory (``available``, default
-    :func:`device_memory`), instead of failing with an out-of-memory error part-way through."""
+def program_bytes(compiled) -> int | None:
+    """Bytes a compiled program holds at once on one device, by XLA's own count: arguments,
+    outputs and temporaries, less the outputs that reuse (alias) an argument's buffer."""
     stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes)
+
+
+def check_memory(compiled, what: str, available: int | None = None, sharing: int = 1) -> None:
+    """Refuse, before it runs, a compiled program whose buffers (:func:`program_bytes`) on
+    ``sharing`` devices that draw on one memory (host devices of one CPU) exceed that memory
+    (``available``, default :func:`device_memory`), instead of failing with an out-of-memory error
+    part-way through."""
+    need = program_bytes(compiled)
     available = device_memory() if available is None else available
-    if stats is None or available is None:
+    if need is None or available is None:
         return
-    need = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
+    need *= sharing
     if need > available:
         raise MemoryError(f"{what} needs about {need / 2**30:.1f} GiB at once; this device has "
                           f"{available / 2**30:.1f} GiB. Use fewer seeds or learning rates per run (or a smaller "
@@ -479,23 +490,24 @@ def train_ensemble(
             ``history_sequences`` sequences of each evaluation set, and only the last one the
             whole sets (what the final tables report); the cost of the evaluations falls in
             proportion.
-        devices: spread the members over this many local devices (default: all of them); the
-            results are those of one device, bit for bit.
+        devices: spread the members over this many local devices (default: all of them, but no
+            more than the members); the results agree with one device's to rounding, and are the
+            same bits for the same device count.
     """
     if train_set.x.shape[-1] != cfg.n_in:
         raise ValueError(f"Training inputs have {train_set.x.shape[-1]} channels; the model has n_in={cfg.n_in}.")
     for name, batch in {"train_set": train_set, **(eval_sets or {}),
                         **({"probe batch": probe.batch} if probe else {})}.items():
         check_scored_steps(cfg, batch, name)
-    layout = MemberSharding(devices)
+    seeds = list(seeds)
+    n = len(seeds)
+    layout = MemberSharding(min(len(jax.local_devices()), n) if devices is None else devices)
     train_set = layout.replicate(to_device(train_set))
     eval_sets = {k: layout.replicate(to_device(v)) for k, v in (eval_sets or {"train": train_set}).items()}
     history_sets = eval_sets
     if history_sequences and any(b.x.shape[0] > history_sequences for b in eval_sets.values()):
         history_sets = {k: jax.tree.map(lambda a: a[:history_sequences], b) for k, b in eval_sets.items()}
     align_batch = jax.tree.map(lambda a: a[:align_size], train_set)
-    seeds = list(seeds)
-    n = len(seeds)
     lrs = [tcfg.learning_rate] * n if learning_rates is None else list(learning_rates)
     # Padded members copy the last one; the checkpoint and the result hold the first n only.
     members = layout.padded(n)
@@ -541,9 +553,10 @@ def train_ensemble(
         what = f"{n} members with {rule.name}"
         evaluator.program = evaluator.program.lower(states.params, structs, rule_states, history_sets, align_batch, v,
                                                     states.opt_state).compile()
-        check_memory(evaluator.program, f"Evaluating {what}")
+        sharing = layout.count if jax.devices()[0].platform == "cpu" else 1  # host devices share the RAM
+        check_memory(evaluator.program, f"Evaluating {what}", sharing=sharing)
         chunk = chunk.lower(states, structs, rule_states, train_set, 0, tcfg.eval_every).compile()
-        check_memory(chunk, f"Training {what}")
+        check_memory(chunk, f"Training {what}", sharing=sharing)
         if not resumed:
             bar.set_postfix_str("measuring iteration 0…")
             record(states)
