@@ -363,26 +363,31 @@ def device_memory() -> int | None:
         return None
 
 
-def program_bytes(compiled) -> int | None:
-    """Bytes a compiled program holds at once on one device, by XLA's own count: arguments,
-    outputs and temporaries, less the outputs that reuse (alias) an argument's buffer."""
+CPU_MEMORY_FACTOR = 2.5  # measured: a process gains 2.1–2.2× XLA's count while a chunk runs (docs/scale.md)
+
+
+def program_bytes(compiled, sharing: int = 1) -> int | None:
+    """Bytes to reserve for a compiled program on ``sharing`` devices that draw on one memory:
+    its arguments plus what a run adds (outputs and temporaries, less the outputs that reuse an
+    argument's buffer), by XLA's own count; on a CPU what a run adds is taken
+    :data:`CPU_MEMORY_FACTOR` times, as measured by benchmarks/memory_estimate.py."""
     stats = compiled.memory_analysis()
     if stats is None:
         return None
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-            - stats.alias_size_in_bytes)
+    added = stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
+    if jax.devices()[0].platform == "cpu":
+        added *= CPU_MEMORY_FACTOR
+    return int(sharing * (stats.argument_size_in_bytes + added))
 
 
 def check_memory(compiled, what: str, available: int | None = None, sharing: int = 1) -> None:
-    """Refuse, before it runs, a compiled program whose buffers (:func:`program_bytes`) on
-    ``sharing`` devices that draw on one memory (host devices of one CPU) exceed that memory
-    (``available``, default :func:`device_memory`), instead of failing with an out-of-memory error
-    part-way through."""
-    need = program_bytes(compiled)
+    """Refuse, before it runs, a compiled program that needs more (:func:`program_bytes`) than
+    the device's memory (``available``, default :func:`device_memory`), instead of failing with an
+    out-of-memory error part-way through."""
+    need = program_bytes(compiled, sharing)
     available = device_memory() if available is None else available
     if need is None or available is None:
         return
-    need *= sharing
     if need > available:
         raise MemoryError(f"{what} needs about {need / 2**30:.1f} GiB at once; this device has "
                           f"{available / 2**30:.1f} GiB. Use fewer seeds or learning rates per run (or a smaller "
