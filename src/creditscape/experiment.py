@@ -199,11 +199,15 @@ def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, fina
         progress=spec.label if progress else False, history_sequences=m.history_sequences, devices=devices,
     )
     measure_start = time.perf_counter()
-    if progress:  # often longer than the bar's last evaluations: not silent
-        tqdm.write(f"  {spec.label}: final measurements (Hessian trace, λ_max of all parameters, sharpness, "
-                   "slices, eigenvalues of ηĴ)…")
-    final = final_measurements(result.params, result.structs, seeds)
-    final.update(update_map_eigenvalues(exp, cell, spec, batch, result, seeds, lrs))
+    # Often longer than the training bar's last evaluations: a bar of its own, one step per program.
+    with tqdm(total=2, desc=f"{spec.label}: final measurements", disable=not progress, leave=False,
+              unit="program") as bar:
+        bar.set_postfix_str("Hessian trace, λ_max of all parameters, sharpness, slices")
+        final = final_measurements(result.params, result.structs, seeds)
+        bar.update()
+        bar.set_postfix_str("eigenvalues of ηĴ")
+        final.update(update_map_eigenvalues(exp, cell, spec, batch, result, seeds, lrs))
+        bar.update()
     measure_time = float(result.eval_seconds.sum()) + time.perf_counter() - measure_start
     out = {
         "seeds": np.asarray(seeds), "learning_rates": np.asarray(lrs),
