@@ -363,7 +363,7 @@ def device_memory() -> int | None:
         return None
 
 
-CPU_MEMORY_FACTOR = 2.5  # measured: a process gains 2.1–2.2× XLA's count while a chunk runs (docs/scale.md)
+CPU_MEMORY_FACTOR = 1.5  # measured: a process gains 1.03–1.31× XLA's count while a chunk runs (docs/scale.md)
 
 
 def program_bytes(compiled, sharing: int = 1) -> int | None:
