@@ -158,13 +158,19 @@ def init_seed(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, seed, dtype=jnp.f
     return state, struct, rule_state
 
 
+def _member_rates(tcfg, seeds: list, learning_rates) -> list:
+    """Each member's base η: ``learning_rates``, one per seed, or ``tcfg.learning_rate`` for all."""
+    lrs = [tcfg.learning_rate] * len(seeds) if learning_rates is None else list(learning_rates)
+    if len(lrs) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds but {len(lrs)} learning rates: give one per member.")
+    return lrs
+
+
 def init_ensemble(cfg, rule, tcfg, seeds, dtype=jnp.float32, learning_rates=None):
     """Stacked (TrainState, Structure, rule state) for ``seeds`` (member i: seed ``seeds[i]``,
     base η ``learning_rates[i]``, default ``tcfg.learning_rate`` for all)."""
     seeds = list(seeds)
-    lrs = [tcfg.learning_rate] * len(seeds) if learning_rates is None else list(learning_rates)
-    if len(lrs) != len(seeds):
-        raise ValueError(f"{len(seeds)} seeds but {len(lrs)} learning rates: give one per member.")
+    lrs = _member_rates(tcfg, seeds, learning_rates)
     return jax.vmap(lambda s, lr: init_seed(cfg, rule, tcfg, s, dtype, lr))(
         jnp.asarray(seeds), jnp.asarray(lrs, dtype)
     )
@@ -513,7 +519,7 @@ def train_ensemble(
     if history_sequences and any(b.x.shape[0] > history_sequences for b in eval_sets.values()):
         history_sets = {k: jax.tree.map(lambda a: a[:history_sequences], b) for k, b in eval_sets.items()}
     align_batch = jax.tree.map(lambda a: a[:align_size], train_set)
-    lrs = [tcfg.learning_rate] * n if learning_rates is None else list(learning_rates)
+    lrs = _member_rates(tcfg, seeds, learning_rates)  # checked before padding hides a missing one
     # Padded members copy the last one; the checkpoint and the result hold the first n only.
     members = layout.padded(n)
     states, structs, rule_states = layout.shard(init_ensemble(
