@@ -46,6 +46,7 @@ SCRIPT = textwrap.dedent("""
     one = train(1)
     assert np.all(np.isfinite(one.evals["lambda_max"])) and one.losses.shape == (3, 40)
     four = train(4)  # one padding member
+    assert all(a.sharding.device_set == {jax.local_devices()[0]} for a in jax.tree.leaves(four.params))
     same(four, one)
     same(train(4), four, exact=True)  # the same device count: the same bits
     same(train(3), one)  # no padding

@@ -591,11 +591,11 @@ def train_ensemble(
                 losses.append(chunk_losses)
                 record(states)
             bar.update(tcfg.eval_every)
-            last = losses[-1][:, -1]
+            last = losses[-1][:n, -1]  # (the real members: padding copies are not counted)
             postfix = {"loss": f"{np.nanmean(last):.4f}" if np.isfinite(last).any() else "nan",
-                       "diverged": int((np.asarray(states.diverged_at) >= 0).sum())}
+                       "diverged": int((np.asarray(states.diverged_at)[:n] >= 0).sum())}
             if tcfg.target_loss is not None:
-                postfix["reached"] = int((np.asarray(states.reached_at) >= 0).sum())
+                postfix["reached"] = int((np.asarray(states.reached_at)[:n] >= 0).sum())
             bar.set_postfix(postfix)
             if checkpoint is not None and i + 1 < n_chunks and time.monotonic() - last_save >= checkpoint.every_seconds:
                 kept = first_members((states, v, losses, evals, trajectory), n)
@@ -607,6 +607,10 @@ def train_ensemble(
         seconds[-1] += time.perf_counter() - start
     states, structs, rule_states, losses, evals, trajectory = first_members(
         (states, structs, rule_states, losses, evals, trajectory), n)
+    # Gathered on one device: what measures the trained networks next is a one-device program. (Left
+    # sharded, with the padding cut off, the members lie unevenly over the devices; a program on
+    # them needs XLA's cross-device exchanges, and on CPU host devices one such program hung.)
+    states, structs, rule_states = jax.device_put((states, structs, rule_states), jax.local_devices()[0])
     return TrainResult(
         params=states.params,
         structs=structs,
