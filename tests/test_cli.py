@@ -1,6 +1,7 @@
 """The command line end to end, and every configuration error before any work."""
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -192,6 +193,20 @@ def test_more_devices_than_the_machine_has_stop_before_work(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--ray-cpus", "2"], "--ray-cpus and --ray-gpus set what each unit asks of a Ray cluster: add --ray."),
+    (["--ray", "--devices", "2"], "on Ray each unit uses the devices it asks for: give --ray-cpus"),
+    (["--ray"], "--ray needs Ray, an optional extra: pip install 'creditscape[ray]'"),
+])
+def test_ray_options_misused_or_ray_missing_stop_before_work(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed (import fails)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_preset_and_mnist_dir_misuse(tmp_path):
     with pytest.raises(ConfigError, match="Unknown preset 'fast'"):
         load(preset="fast")
@@ -266,7 +281,8 @@ def test_two_iterations_of_smnist_through_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["run", "--checkpoint-seconds", "nan"], ["run", "--checkpoint-seconds", "-5"],
-                                  ["curvature", "somewhere", "--sequences", "-1"], ["run", "--devices", "0"]])
+                                  ["curvature", "somewhere", "--sequences", "-1"], ["run", "--devices", "0"],
+                                  ["run", "--ray", "--ray-cpus", "-1"], ["run", "--ray", "--ray-gpus", "inf"]])
 def test_bad_numbers_on_the_command_line_stop_at_once(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -34,7 +34,8 @@ SCRIPT = textwrap.dedent("""
                               checkpoint=checkpoint)
 
     def same(a, b, exact=False):
-        a, b = a._replace(eval_seconds=None), b._replace(eval_seconds=None)  # wall times
+        # wall times, and how many evaluations a run read back from a checkpoint
+        a, b = (r._replace(eval_seconds=None, restored_evaluations=None) for r in (a, b))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             x, y = np.asarray(x), np.asarray(y)
             if exact or not np.issubdtype(x.dtype, np.floating):
@@ -53,7 +54,9 @@ SCRIPT = textwrap.dedent("""
     # A checkpoint written on one device resumes on four (it holds the real members only).
     ckpt = Checkpoint(sys.argv[1], every_seconds=0.0)
     same(train(1, checkpoint=ckpt), one, exact=True)  # leaves the checkpoint of iteration 30
-    same(train(4, checkpoint=ckpt), one)
+    resumed = train(4, checkpoint=ckpt)
+    assert resumed.restored_evaluations == 4  # iterations 0, 10, 20 and 30
+    same(resumed, one)
     try:
         train(5)
     except ValueError as err:

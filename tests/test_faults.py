@@ -75,6 +75,8 @@ def test_killed_run_resumes_bit_identically_and_damaged_files_are_named(tmp_path
     # Resumed == uninterrupted, bit for bit: nothing lost or duplicated, and (the two ran in
     # different processes) the same command gives the same results.
     _assert_same_results(killed, clean)
+    # The resumed run's time is what its second process spent (not less than nothing).
+    assert (pd.read_parquet(killed / "final.parquet").train_seconds > 0).all()
     env = json.loads((clean / "environment.json").read_text())
     assert {"jax", "devices", "platform", "xla_flags"} <= set(env)
     # A damaged finished run stops the rerun before any work, naming the file and what to do.

@@ -10,11 +10,12 @@ import textwrap
 import threading
 
 from creditscape import presets, stopping
-from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError
+from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError, UnitsFailed
 
 
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+LOCAL_RAY = "local"  # `--ray` without an address
 
 
 def _acknowledge_interrupts() -> None:
@@ -56,7 +57,7 @@ def _cmd_run(args) -> int:
     exp = load(args.config, preset=args.preset, mnist_dir=args.mnist_dir)
     out = args.out or f"results/{exp.name}"
     final = run_experiment(exp, out, progress=not args.quiet, checkpoint_seconds=args.checkpoint_seconds,
-                           devices=args.devices)
+                           devices=args.devices, ray=_ray_cluster(args))
     page = write_report(out)
     table = summary_table(final)
     cols = [c for c in ("task", "condition", "diverged", "train_accuracy", "test_accuracy", "gap_loss", "lambda_max")
@@ -66,6 +67,23 @@ def _cmd_run(args) -> int:
     print(with_median.to_string(index=False))
     print(f"\nReport: {page}\n        {page.with_suffix('.md')}")
     return 0
+
+
+def _ray_cluster(args):
+    """The cluster of ``--ray`` (None without it), checked before any work: Ray installed, and no
+    option that only a local run has."""
+    if args.ray is None:
+        if args.ray_cpus is not None or args.ray_gpus is not None:
+            raise ConfigError("--ray-cpus and --ray-gpus set what each unit asks of a Ray cluster: add --ray.")
+        return None
+    if args.devices is not None:
+        raise ConfigError("--devices spreads a local run over this machine's devices; on Ray each unit uses the "
+                          "devices it asks for: give --ray-cpus or --ray-gpus instead.")
+    from creditscape.distributed import RayCluster, import_ray
+
+    import_ray()
+    return RayCluster(address=None if args.ray == LOCAL_RAY else args.ray,
+                      cpus=1.0 if args.ray_cpus is None else args.ray_cpus, gpus=args.ray_gpus or 0.0)
 
 
 def _cmd_report(args) -> int:
@@ -124,15 +142,24 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds ≥ 0."""
+def _number_at_least_zero(text: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite {what} >= 0, got {text!r}")
     return value
+
+
+def _amount(text: str) -> float:
+    """An argparse type: a resource amount ≥ 0 (Ray takes fractions)."""
+    return _number_at_least_zero(text, "number")
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds ≥ 0."""
+    return _number_at_least_zero(text, "number of seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--devices", type=_positive, default=None,
                      help="spread each run's members over at most this many local devices (default: all; on a CPU, "
                           "one host device per core)")
+    run.add_argument("--ray", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
+                     help="train each (grid cell, rule) unit as a task on the Ray cluster at ADDRESS ('auto', "
+                          "HOST:6379, ray://HOST:10001), or on a local cluster started for the run when no address is "
+                          "given (needs the extra: pip install 'creditscape[ray]'; docs/scale.md)")
+    run.add_argument("--ray-cpus", type=_amount, default=None, help="CPUs each unit asks for on Ray (default 1)")
+    run.add_argument("--ray-gpus", type=_amount, default=None, help="GPUs each unit asks for on Ray (default 0)")
     run.add_argument("--deterministic", action="store_true",
                      help=f"deterministic GPU kernels ({DETERMINISTIC_XLA_FLAG}); CPU runs are deterministic anyway")
     run.set_defaults(func=_cmd_run)
@@ -184,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FolderInUse, ResultsFolderError, MemoryError) as err:
         print(f"creditscape: {err}", file=sys.stderr)
         return 2
+    except UnitsFailed as err:
+        print(f"creditscape: {err}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # the output was piped into a command that stopped reading (`| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -16,3 +16,7 @@ class FolderInUse(RuntimeError):
 
 class DamagedFile(ResultsFolderError):
     """A results file (a finished run, a checkpoint) that cannot be read back."""
+
+
+class UnitsFailed(RuntimeError):
+    """Units of an experiment that failed on a cluster while the others finished."""

@@ -19,6 +19,8 @@ bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +29,7 @@ import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +49,9 @@ from creditscape.objective import Batch
 from creditscape.sharpness import filter_normalized_direction, loss_slice, random_sharpness
 from creditscape.tasks import make_splits
 from creditscape.train import Checkpoint, CurvatureProbe, learning_rate_multiplier, to_device, train_ensemble
+
+if TYPE_CHECKING:
+    from creditscape.distributed import RayCluster
 
 
 def environment() -> dict:
@@ -183,8 +189,15 @@ def update_map_eigenvalues(exp: Experiment, cell: Cell, spec: RuleSpec, batch: B
             "final/eta_end": eta_end}
 
 
-def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, final_measurements, path: Path,
-         progress, checkpoint_seconds, devices) -> dict:
+def train_unit(exp: Experiment, cell: Cell, spec: RuleSpec, splits, checkpoint: Checkpoint | None, *,
+               progress: bool = False, devices: int | None = None, final_measurements=None) -> dict:
+    """Train and measure one unit of an experiment, the members of one rule in one grid cell, and
+    return what its ``runs/`` file holds. ``checkpoint``: save progress there and continue from it
+    if it exists. ``final_measurements``: the cell's program of :func:`make_final_measurements`
+    (built here when not given; a cell's rules can share one)."""
+    batch = _curvature_batch(exp, splits)
+    if final_measurements is None:
+        final_measurements = make_final_measurements(exp, cell, batch)
     start = time.perf_counter()
     tcfg = spec.train_config(cell.train)
     m = exp.measure
@@ -195,7 +208,7 @@ def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, fina
                  **{f"perturbed[{k}]": v for k, v in splits.perturbed.items()}}
     result = train_ensemble(
         cell.model, spec.rule, tcfg, seeds, splits.train, eval_sets, learning_rates=lrs, probe=probe,
-        keep_trajectory=m.save_trajectory, checkpoint=Checkpoint(path.with_suffix(".ckpt.npz"), checkpoint_seconds),
+        keep_trajectory=m.save_trajectory, checkpoint=checkpoint,
         progress=spec.label if progress else False, history_sequences=m.history_sequences, devices=devices,
     )
     measure_start = time.perf_counter()
@@ -208,7 +221,8 @@ def _run(exp: Experiment, cell: Cell, spec: RuleSpec, splits, batch: Batch, fina
         bar.set_postfix_str("eigenvalues of ηĴ")
         final.update(update_map_eigenvalues(exp, cell, spec, batch, result, seeds, lrs))
         bar.update()
-    measure_time = float(result.eval_seconds.sum()) + time.perf_counter() - measure_start
+    # (evaluations restored from a checkpoint took their time in an earlier process, not in this one)
+    measure_time = float(result.eval_seconds[result.restored_evaluations:].sum()) + time.perf_counter() - measure_start
     out = {
         "seeds": np.asarray(seeds), "learning_rates": np.asarray(lrs),
         "diverged_at": result.diverged_at, "reached_at": result.reached_at, "losses": result.losses,
@@ -307,26 +321,38 @@ def _slices(exp: Experiment, runs: dict[tuple[int, int], dict]) -> pd.DataFrame:
 
 
 def run_experiment(exp: Experiment, out: str | Path, *, progress: bool = True, checkpoint_seconds: float = 30.0,
-                   devices: int | None = None, log=print) -> pd.DataFrame:
+                   devices: int | None = None, ray: RayCluster | None = None, log=print) -> pd.DataFrame:
     """Run (or resume) ``exp`` into folder ``out`` and return the table of final metrics.
 
     ``checkpoint_seconds``: the run in flight saves its progress at most this often (and at every
     evaluation when 0); results do not depend on it. ``devices``: train each run's members spread
     over at most this many local devices (default: all, but no more than the members); results
-    agree with one device's to rounding.
+    agree with one device's to rounding. ``ray``: train the units (cell, rule) as tasks on a Ray
+    cluster instead of one after another here (:mod:`creditscape.distributed`); the results
+    folder is the same.
     """
-    try:
-        most = MemberSharding(devices).count
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    most = None  # (on Ray, each unit has the devices it asks for)
+    if ray is None:
+        try:
+            most = MemberSharding(devices).count
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     out = Path(out)
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ResultsFolderError(f"Cannot create the results folder {out} ({err.strerror}). "
                                  "Give a writable folder with --out.") from None
-    with exclusive(out):
-        return _run_experiment(exp, out, progress, checkpoint_seconds, devices, most, log)
+    with exclusive(out), _cluster_connection(ray):
+        return _run_experiment(exp, out, progress, checkpoint_seconds, devices, most, ray, log)
+
+
+def _cluster_connection(cluster: RayCluster | None):
+    if cluster is None:
+        return contextlib.nullcontext()
+    from creditscape.distributed import connected
+
+    return connected(cluster)
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -340,8 +366,56 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def run_path(out: Path, cell: Cell, ri: int, spec: RuleSpec) -> Path:
+    """The file of a finished unit (rule ``ri`` of ``cell``); its checkpoint is ``.ckpt.npz``."""
+    return out / "runs" / f"{_slug(cell, ri, spec)}.npz"
+
+
+def unit_label(exp: Experiment, cell: Cell, ri: int, spec: RuleSpec) -> str:
+    """How the progress lines name a unit: its place in the experiment, rule and grid coordinates."""
+    place = cell.index * len(exp.rules) + ri + 1
+    return f"[{place}/{len(exp.cells) * len(exp.rules)}] {spec.label}" + "".join(f" {k}={v}" for k, v in cell.values)
+
+
+def cell_data(exp: Experiment, out: Path, cell: Cell):
+    """The data sets of ``cell``, checked against those its finished runs were computed on."""
+    splits = _splits(exp, cell)
+    _check_data(out, cell, splits)
+    return splits
+
+
+def _train_here(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: float, devices: int | None,
+                log) -> None:
+    """Train every unit not yet done, one after another in this process."""
+    # The overall ETA: seconds per training iteration of the runs done in this process, times the
+    # iterations of the runs still to do (rules with more iterations take longer).
+    left = {(c.index, ri): spec.train_config(c.train).steps for c in exp.cells for ri, spec in enumerate(exp.rules)
+            if not run_path(out, c, ri, spec).exists()}
+    spent, done_iterations = 0.0, 0
+    for cell in exp.cells:
+        splits = cell_data(exp, out, cell)
+        final_measurements = make_final_measurements(exp, cell, _curvature_batch(exp, splits))
+        for ri, spec in enumerate(exp.rules):
+            path, label = run_path(out, cell, ri, spec), unit_label(exp, cell, ri, spec)
+            if path.exists():
+                log(f"  {label}: already done ({path.name}), skipped")
+                continue
+            checkpoint = Checkpoint(path.with_suffix(".ckpt.npz"), checkpoint_seconds)
+            resumed = checkpoint.path.exists()
+            start = time.perf_counter()
+            r = train_unit(exp, cell, spec, splits, checkpoint, progress=progress, devices=devices,
+                           final_measurements=final_measurements)
+            save_arrays(path, r)
+            checkpoint.path.unlink(missing_ok=True)
+            spent += time.perf_counter() - start
+            done_iterations += left.pop((cell.index, ri))
+            eta = f"; about {_duration(spent / done_iterations * sum(left.values()))} left" if left else ""
+            log(f"  {label}: {'resumed from its checkpoint, ' if resumed else ''}trained in "
+                f"{float(r['train_seconds']):.1f}s, measured in {float(r['measure_seconds']):.1f}s{eta}")
+
+
 def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: float, devices: int | None,
-                    most_devices: int, log) -> pd.DataFrame:
+                    most_devices: int | None, cluster, log) -> pd.DataFrame:
     for stale in [*out.glob("*.tmp"), *(out / "runs").glob("*.tmp")]:
         stale.unlink()  # half-written temporaries of an interrupted write (the real files are intact)
     config_path = out / "config.json"
@@ -358,41 +432,21 @@ def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_secon
     atomic_write_bytes(config_path, lambda f: f.write(json.dumps(resolved, indent=2).encode()))
     atomic_write_bytes(out / "config.input.json", lambda f: f.write(json.dumps(exp.raw, indent=2).encode()))
     atomic_write_bytes(out / "environment.json",
-                       lambda f: f.write(json.dumps({**environment(), "member_devices": most_devices}, indent=2).encode()))
+                       lambda f: f.write(json.dumps({**environment(), "member_devices": most_devices,
+                                                     "ray": dataclasses.asdict(cluster) if cluster else None},
+                                                    indent=2).encode()))
 
-    n_runs = len(exp.cells) * len(exp.rules)
     members = len(exp.members(exp.cells[0], exp.rules[0]))
     log(f"[creditscape] {exp.name}: {len(exp.cells)} cell(s) x {len(exp.rules)} rules x {members} members "
-        f"(seeds x learning rates) -> {out}")
-    runs = {}
-    # The overall ETA: seconds per training iteration of the runs done in this process, times the
-    # iterations of the runs still to do (rules with more iterations take longer).
-    iterations = {(c.index, ri): spec.train_config(c.train).steps for c in exp.cells for ri, spec in enumerate(exp.rules)}
-    spent, done_iterations = 0.0, 0
-    for cell in exp.cells:
-        splits = _splits(exp, cell)
-        _check_data(out, cell, splits)
-        batch = _curvature_batch(exp, splits)
-        final_measurements = make_final_measurements(exp, cell, batch)
-        where = "".join(f" {k}={v}" for k, v in cell.values)
-        for ri, spec in enumerate(exp.rules):
-            path = out / "runs" / f"{_slug(cell, ri, spec)}.npz"
-            label = f"[{len(runs) + 1}/{n_runs}] {spec.label}{where}"
-            if path.exists():
-                log(f"  {label}: already done ({path.name}), skipped")
-            else:
-                resumed = path.with_suffix(".ckpt.npz").exists()
-                start = time.perf_counter()
-                r = _run(exp, cell, spec, splits, batch, final_measurements, path, progress, checkpoint_seconds, devices)
-                save_arrays(path, r)
-                path.with_suffix(".ckpt.npz").unlink(missing_ok=True)
-                spent += time.perf_counter() - start
-                done_iterations += iterations[cell.index, ri]
-                left = sum(n for k, n in iterations.items() if k not in runs and k != (cell.index, ri))
-                eta = f"; about {_duration(spent / done_iterations * left)} left" if left else ""
-                log(f"  {label}: {'resumed from its checkpoint, ' if resumed else ''}trained in "
-                    f"{float(r['train_seconds']):.1f}s, measured in {float(r['measure_seconds']):.1f}s{eta}")
-            runs[cell.index, ri] = load_arrays(path)
+        f"(seeds x learning rates) -> {out}" + (f" on Ray ({cluster.where})" if cluster else ""))
+    if cluster is None:
+        _train_here(exp, out, progress, checkpoint_seconds, devices, log)
+    else:
+        from creditscape.distributed import train_on_ray
+
+        train_on_ray(exp, out, cluster, checkpoint_seconds=checkpoint_seconds, progress=progress, log=log)
+    runs = {(cell.index, ri): load_arrays(run_path(out, cell, ri, spec))
+            for cell in exp.cells for ri, spec in enumerate(exp.rules)}
     final, history = _tables(exp, runs)
     atomic_write_bytes(out / "final.parquet", lambda f: final.to_parquet(f, index=False))
     atomic_write_bytes(out / "history.parquet", lambda f: history.to_parquet(f, index=False))

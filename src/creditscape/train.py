@@ -413,6 +413,7 @@ class TrainResult(NamedTuple):
     evals: dict[str, np.ndarray]  # name → (members, n_evals)
     eval_seconds: np.ndarray  # (n_evals,) wall time of each evaluation (incl. curvature)
     trajectory: Params | None  # parameters at every evaluation, leaves (members, n_evals, ...)
+    restored_evaluations: int = 0  # the first evaluations, read from a checkpoint (timed by an earlier process)
 
 
 def to_device(batch: Batch) -> Batch:
@@ -559,6 +560,7 @@ def train_ensemble(
             states, v, losses, evals, seconds, trajectory = _restore(snap, first_members(states, n))
             states, v, losses, evals, trajectory = pad_members((states, v, losses, evals, trajectory), members)
             states, v = layout.shard((states, v))
+        restored = len(evals) if resumed else 0
         # Both programs compiled here, once, so that their sizes are checked before any work.
         bar.set_postfix_str("compiling…")
         what = f"{n} members with {rule.name}"
@@ -623,4 +625,5 @@ def train_ensemble(
         eval_seconds=np.asarray(seconds),
         trajectory=Params(*(None if leaves[0] is None else np.stack(leaves, axis=1) for leaves in zip(*trajectory)))
         if keep_trajectory else None,
+        restored_evaluations=restored,
     )
