@@ -3,7 +3,7 @@ same grid run here one unit after another, in one run.
 
     python benchmarks/ray_units.py [--workers 1 2] [--units 4] [--steps 2000]
 
-The grid: cue recall (N = 32), BPTT at ``--units`` learning rates as grid cells (one unit each),
+The grid: cue recall (N = 32), BPTT at ``--units`` L2 coefficients as grid cells (one unit each),
 2 seeds, ``--steps`` iterations. Each configuration runs end to end (`run_experiment`, results
 folder, final measurements) in its own process with one XLA host device per unit, so compile time
 is part of each unit's cost, as in a real grid. The numbers bound what a cluster gives: units are
@@ -34,11 +34,12 @@ delay = 6
 n_rec = 32
 [train]
 optimizer = "sgd"
+learning_rate = 0.05
 steps = {steps}
 eval_every = {eval_every}
 batch_size = 16
 [grid]
-"train.learning_rate" = {rates}
+"train.l2" = {l2}
 [measure]
 curvature_batch = 32
 lanczos_steps = 8
@@ -84,10 +85,10 @@ def main():
     parser.add_argument("--units", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
-    rates = [round(0.02 + 0.01 * i, 3) for i in range(args.units)]
+    l2 = [0.0] + [10.0 ** -(6 - i) for i in range(args.units - 1)]  # one grid cell (one unit) each
     with tempfile.TemporaryDirectory() as folder:
         grid = Path(folder) / "grid.toml"
-        grid.write_text(GRID.format(steps=args.steps, eval_every=args.steps // 10, rates=rates))
+        grid.write_text(GRID.format(steps=args.steps, eval_every=args.steps // 10, l2=l2))
         here = measure(grid, 0)
         print(f"here, one unit after another: {here['units'] / here['seconds']:.3f} units/s "
               f"({here['seconds']:.0f} s for {here['units']} units)")
