@@ -41,6 +41,7 @@ from creditscape.curvature import _select, block_loss, hvp, lanczos, lanczos_tri
 from creditscape.errors import DamagedFile
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, check_scored_steps, draw_noise, evaluate, l2_gradient, l2_penalty
+from creditscape.plasticity_noise import UPDATE_NOISE_SCALES, perturb_updates, perturb_weights
 from creditscape.rules import Rule, gradient_alignment
 from creditscape.theory import estimate_on_block, jacobian_vector_product
 
@@ -67,6 +68,13 @@ class TrainConfig:
             train for ``steps`` iterations); ``steps`` is then the budget.
         target_smoothing: β of the moving average m ← β m + (1 − β) ℓ of minibatch losses that is
             compared with ``target_loss`` (0: the minibatch loss itself).
+        weight_noise: synaptic noise, the standard deviation of Gaussian noise on every synapse
+            (W_in, W_rec, W_out) while the gradient is formed, one draw per iteration
+            (:func:`creditscape.plasticity_noise.perturb_weights`); 0: none.
+        update_noise: noisy plasticity, Gaussian noise added to every update after the learning
+            rate (:func:`creditscape.plasticity_noise.perturb_updates`); 0: none.
+        update_noise_scale: ``"relative"`` (noise norm ≈ ``update_noise`` × the update's norm, per
+            parameter array) or ``"absolute"`` (standard deviation ``update_noise``).
     """
 
     optimizer: str = "adam"
@@ -82,6 +90,9 @@ class TrainConfig:
     eval_every: int = 50
     target_loss: float | None = None
     target_smoothing: float = 0.9
+    weight_noise: float = 0.0
+    update_noise: float = 0.0
+    update_noise_scale: str = "relative"
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -91,7 +102,10 @@ class TrainConfig:
         for name in ("learning_rate", "steps", "batch_size", "eval_every", "boost_factor"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"train.{name}: must be a finite number > 0, got {getattr(self, name)!r}.")
-        for name in ("l2", "momentum"):
+        if self.update_noise_scale not in UPDATE_NOISE_SCALES:
+            raise ValueError(f"train.update_noise_scale: expected one of {UPDATE_NOISE_SCALES}, "
+                             f"got {self.update_noise_scale!r}.")
+        for name in ("l2", "momentum", "weight_noise", "update_noise"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ValueError(f"train.{name}: must be a finite number >= 0, got {getattr(self, name)!r}.")
         if not 0 <= self.boost_at <= 1:
@@ -186,7 +200,10 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
         idx = jax.random.randint(k_batch, (tcfg.batch_size,), 0, train_set.x.shape[0], dtype=jnp.int32)
         batch = jax.tree.map(lambda a: a[idx], train_set)
         noise = draw_noise(cfg, batch, k_noise)
-        loss, grads = rule.gradient(cfg, state.params, struct, rule_state, batch, noise, form=form)
+        at = state.params  # where the rule forms its gradient: the synapses, noisy or not
+        if tcfg.weight_noise:  # (keys folded from the noise key: without these options, the same stream)
+            at = _model.project(cfg, perturb_weights(at, tcfg.weight_noise, jax.random.fold_in(k_noise, 1)), struct)
+        loss, grads = rule.gradient(cfg, at, struct, rule_state, batch, noise, form=form)
         beta = tcfg.target_smoothing
         smoothed = jnp.where(jnp.isnan(state.smoothed_loss), loss, beta * state.smoothed_loss + (1 - beta) * loss)
         if tcfg.l2:
@@ -194,6 +211,8 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
             grads = jax.tree.map(lambda g, w: g + tcfg.l2 * w, grads, l2_gradient(state.params))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         updates = jax.tree.map(lambda u: state.learning_rate * u, updates)
+        if tcfg.update_noise:
+            updates = perturb_updates(updates, tcfg.update_noise, tcfg.update_noise_scale, jax.random.fold_in(k_noise, 2))
         params = _model.project(cfg, optax.apply_updates(state.params, updates), struct)
         alive = (state.diverged_at < 0) & (state.reached_at < 0)
         ok = jnp.isfinite(loss) & _all_finite(params)
