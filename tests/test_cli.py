@@ -107,6 +107,17 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert "different configuration" in (err := capsys.readouterr().err) and "cells.0.model.n_rec: 8 -> 9" in err
+    # A folder written before a setting existed resumes when the setting is at its default (which
+    # does what its absence did), and not otherwise.
+    cfg.write_text(TINY)
+    recorded = json.loads((out / "config.json").read_text())
+    del recorded["cells"][0]["train"]["update_noise"], recorded["cells"][0]["model"]["rec_noise"]
+    (out / "config.json").write_text(json.dumps(recorded))
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    (out / "config.json").write_text(json.dumps(recorded))
+    cfg.write_text(TINY.replace("[train]", "[train]\nupdate_noise = 0.1"))
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "cells.0.train.update_noise: None -> 0.1" in capsys.readouterr().err
     # Other data under the same configuration (other MNIST files, say) are refused, by content.
     cfg.write_text(TINY)
     fingerprints = json.loads((out / "data.json").read_text())

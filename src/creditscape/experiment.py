@@ -39,16 +39,17 @@ from tqdm.auto import tqdm
 
 from creditscape import __version__
 from creditscape._files import atomic_write_bytes, exclusive, load_arrays, save_arrays
-from creditscape.config import Cell, Experiment, RuleSpec, resolve, resolved_dict
+from creditscape.config import Cell, Experiment, MeasureConfig, RuleSpec, resolve, resolved_dict
 from creditscape.curvature import block_loss, hutch_plus_plus, hvp, lanczos
 from creditscape.devices import MemberSharding
 from creditscape.errors import ConfigError, ResultsFolderError
 from creditscape.theory import arnoldi, estimate_on_block, jacobian_vector_product, ritz_values
-from creditscape.model import Params, Structure
+from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch
 from creditscape.sharpness import filter_normalized_direction, loss_slice, random_sharpness
 from creditscape.tasks import make_splits
-from creditscape.train import Checkpoint, CurvatureProbe, learning_rate_multiplier, to_device, train_ensemble
+from creditscape.train import (Checkpoint, CurvatureProbe, TrainConfig, learning_rate_multiplier, to_device,
+                               train_ensemble)
 
 if TYPE_CHECKING:
     from creditscape.distributed import RayCluster
@@ -357,13 +358,27 @@ def _cluster_connection(cluster: RayCluster | None):
 
 def _differences(old, new, prefix: str = "") -> list[str]:
     """The dotted keys whose values differ between two resolved configs (where the MNIST files
-    were read from is not a difference: the same data at another path resumes)."""
+    were read from is not a difference: the same data at another path resumes; nor is a setting
+    that the folder's creditscape version did not have yet, at the default that does what its
+    absence did)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) if k != "mnist_dir"
+        return [d for k in sorted(set(old) | set(new))
+                if k != "mnist_dir" and not (k not in old and _added_at_its_default(f"{prefix}{k}", new[k]))
                 for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{prefix}{i}.")]
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+_SECTIONS = {"train": TrainConfig, "model": ModelConfig, "measure": MeasureConfig}
+
+
+def _added_at_its_default(key: str, value) -> bool:
+    """Whether ``value`` of the dotted ``key`` (``cells.0.train.update_noise``) is its field's default."""
+    section, _, name = key.rpartition(".")
+    cls = _SECTIONS.get(section.rpartition(".")[2])
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} if cls else {}
+    return name in defaults and defaults[name] == value
 
 
 def run_path(out: Path, cell: Cell, ri: int, spec: RuleSpec) -> Path:
@@ -388,7 +403,8 @@ def _train_here(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: 
                 log) -> None:
     """Train every unit not yet done, one after another in this process."""
     # The overall ETA: seconds per training iteration of the runs done in this process, times the
-    # iterations of the runs still to do (rules with more iterations take longer).
+    # iterations of the runs still to do (rules with more iterations take longer; under a target
+    # loss, their budgets: an upper bound).
     left = {(c.index, ri): spec.train_config(c.train).steps for c in exp.cells for ri, spec in enumerate(exp.rules)
             if not run_path(out, c, ri, spec).exists()}
     spent, done_iterations = 0.0, 0
@@ -408,7 +424,9 @@ def _train_here(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: 
             save_arrays(path, r)
             checkpoint.path.unlink(missing_ok=True)
             spent += time.perf_counter() - start
-            done_iterations += left.pop((cell.index, ri))
+            budget = left.pop((cell.index, ri))
+            # (a run whose members all stopped at a target loss trained only up to the last stop)
+            done_iterations += int(r["reached_at"].max()) if (r["reached_at"] > 0).all() else budget
             eta = f"; about {_duration(spent / done_iterations * sum(left.values()))} left" if left else ""
             log(f"  {label}: {'resumed from its checkpoint, ' if resumed else ''}trained in "
                 f"{float(r['train_seconds']):.1f}s, measured in {float(r['measure_seconds']):.1f}s{eta}")
