@@ -1,0 +1,94 @@
+"""Generalization measures against closed forms on quadratics and linear models, and against
+dense Hessians (float64; statistical tolerances from each estimate's own standard error)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from creditscape.generalization_measures import (
+    distance_from_initialization,
+    fisher_rao_norm,
+    pac_bayes_flatness,
+    relative_flatness,
+    spectral_norm_product,
+)
+
+jax.config.update("jax_enable_x64", True)
+
+
+def _quadratic(seed, n=20):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    m = jax.random.normal(k1, (n, n))
+    a = m @ m.T / n + 0.1 * jnp.eye(n)
+    b = jax.random.normal(k2, (n,))
+    theta = jax.random.normal(k3, (n,))
+    return a, (lambda x: 0.5 * x @ a @ x + b @ x), theta
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("magnitude_aware", [False, True])
+def test_pac_bayes_flatness_on_a_quadratic_is_the_closed_form(seed, magnitude_aware):
+    """E[f(θ + σ s⊙ξ)] − f(θ) = ½σ² Σ_i A_ii s_i² exactly; the Monte Carlo σ must agree within the
+    sampling error of the estimate it stopped at."""
+    a, f, theta = _quadratic(seed)
+    bound = 0.05
+    res = pac_bayes_flatness(f, theta, jax.random.PRNGKey(100 + seed), bound=bound, draws=2048,
+                             magnitude_aware=magnitude_aware, sigma_max=10.0)
+    s2 = theta**2 if magnitude_aware else jnp.ones_like(theta)
+    curvature = float(jnp.sum(jnp.diag(a) * s2))
+    assert not res.capped and abs(float(res.increase) / bound - 1) < 1e-6  # bisection converged
+    exact_at_sigma = 0.5 * float(res.sigma) ** 2 * curvature
+    assert abs(exact_at_sigma - bound) < 4 * float(res.stderr), (exact_at_sigma, bound, float(res.stderr))
+    sigma_exact = np.sqrt(2 * bound / curvature)
+    # σ ∝ √Δ, so 4 standard errors of Δ are 2·stderr/bound of σ, relatively
+    assert abs(float(res.sigma) / sigma_exact - 1) < 2 * float(res.stderr) / bound
+
+
+def test_pac_bayes_flatness_caps_a_flat_loss_and_vmaps_over_members():
+    flat = pac_bayes_flatness(lambda x: jnp.sum(0.0 * x), jnp.ones(5), jax.random.PRNGKey(0), bound=0.1,
+                              sigma_max=2.0)
+    assert bool(flat.capped) and float(flat.sigma) == 2.0
+    a, f, _ = _quadratic(3, n=8)
+    thetas = jax.random.normal(jax.random.PRNGKey(4), (3, 8))
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    together = jax.vmap(lambda t, k: pac_bayes_flatness(f, t, k, bound=0.02, draws=32))(thetas, keys)
+    for i in range(3):
+        alone = pac_bayes_flatness(f, thetas[i], keys[i], bound=0.02, draws=32)
+        np.testing.assert_allclose(together.sigma[i], alone.sigma, rtol=1e-12)
+
+
+def test_relative_flatness_is_the_weighted_dense_hessian_trace():
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, y = jax.random.normal(k1, (32, 10)), jax.random.normal(k2, (32,))
+    w = 0.5 * jax.random.normal(k3, (10,))
+
+    def f(w):  # a one-layer tanh regression: a non-quadratic loss
+        return jnp.mean((jnp.tanh(x @ w) - y) ** 2)
+
+    kappa, stderr = relative_flatness(f, w, jax.random.PRNGKey(1), probes=30)
+    dense = float(jnp.sum(w**2) * jnp.trace(jax.hessian(f)(w)))
+    assert abs(float(kappa) - dense) <= 4 * float(stderr) + 1e-9 * abs(dense), (float(kappa), dense)
+    # Invariant to rescaling the layer when the loss is: f(w) = g(λw) rescaled back.
+    lam = 3.0
+    kappa_scaled, _ = relative_flatness(lambda v: f(v / lam), lam * w, jax.random.PRNGKey(1), probes=30)
+    np.testing.assert_allclose(kappa_scaled, kappa, rtol=1e-9)
+
+
+def test_fisher_rao_norm_of_a_linear_model_is_the_closed_form():
+    """ℓ_b(θ) = (x_bᵀθ − y_b)²: ⟨θ, ∇ℓ_b⟩ = 2 (x_bᵀθ − y_b) x_bᵀθ."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+    x, y, theta = jax.random.normal(k1, (50, 6)), jax.random.normal(k2, (50,)), jax.random.normal(k3, (6,))
+    measured = fisher_rao_norm(lambda t: (x @ t - y) ** 2, theta)
+    pred = x @ theta
+    np.testing.assert_allclose(measured, jnp.sqrt(jnp.mean((2 * (pred - y) * pred) ** 2)), rtol=1e-12)
+
+
+def test_norm_measures_against_numpy():
+    rng = np.random.default_rng(0)
+    mats = [rng.normal(size=s) for s in [(8, 3), (8, 8), (2, 8)]]
+    np.testing.assert_allclose(spectral_norm_product(*map(jnp.asarray, mats)),
+                               np.prod([np.linalg.svd(m, compute_uv=False)[0] for m in mats]), rtol=1e-12)
+    a, b = rng.normal(size=30), rng.normal(size=30)
+    np.testing.assert_allclose(distance_from_initialization(jnp.asarray(a), jnp.asarray(b)),
+                               np.sqrt(np.sum((a - b) ** 2)), rtol=1e-12)
