@@ -18,7 +18,9 @@ from creditscape.train import TrainConfig, train_ensemble
 
 def test_forced_divergence_is_recorded_and_reported(tmp_path, monkeypatch):
     cfg = tmp_path / "div.toml"
-    cfg.write_text(SLOW_EXPERIMENT.replace("steps = 1000", "steps = 40").replace("[measure]", '[grid]\n"train.learning_rate" = [0.05, 1e20]\n[measure]'))
+    cfg.write_text(SLOW_EXPERIMENT.replace("steps = 1000", "steps = 40").replace(
+        "[measure]", '[grid]\n"train.learning_rate" = [0.05, 1e20]\n[measure]\ngeneralization_measures = true\n'
+                     'pac_bayes_draws = 8'))
     out = tmp_path / "out"
     monkeypatch.setenv("XLA_FLAGS", "")  # restored after the test; --deterministic appends to it
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet", "--deterministic"]) == 0
@@ -28,6 +30,9 @@ def test_forced_divergence_is_recorded_and_reported(tmp_path, monkeypatch):
     blown = final[(final.rule == "bptt") & (final.learning_rate == 1e20)]
     assert (blown.diverged_at >= 1).all()  # every seed, at the iteration where it happened
     assert (final[final.learning_rate == 0.05].diverged_at == -1).all()
+    trained = final[final.learning_rate == 0.05]  # the generalization measures, asked for in [measure]
+    assert (trained[["pac_bayes_sigma", "pac_bayes_sigma_magnitude", "relative_flatness", "fisher_rao_norm",
+                     "spectral_norm_product", "distance_from_init"]] > 0).all().all()
     report = (out / "report.md").read_text()
     for row in blown.itertuples():
         assert f"{row.condition} seed {row.seed} at iteration {row.diverged_at}" in report

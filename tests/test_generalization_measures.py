@@ -5,14 +5,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
+from cases import B, N_IN, N_OUT, N_REC, draw
+from creditscape import model as M
+from creditscape.curvature import existing_weights
 from creditscape.generalization_measures import (
+    MEASURES,
     distance_from_initialization,
+    network_measures,
     fisher_rao_norm,
     pac_bayes_flatness,
     relative_flatness,
     spectral_norm_product,
 )
+from creditscape.objective import exact_loss
 
 jax.config.update("jax_enable_x64", True)
 
@@ -92,3 +99,31 @@ def test_norm_measures_against_numpy():
     a, b = rng.normal(size=30), rng.normal(size=30)
     np.testing.assert_allclose(distance_from_initialization(jnp.asarray(a), jnp.asarray(b)),
                                np.sqrt(np.sum((a - b) ** 2)), rtol=1e-12)
+
+
+def test_network_measures_vmap_over_members_and_agree_with_direct_computations():
+    cfg = M.ModelConfig(N_IN, N_REC, N_OUT, alpha=0.3, activation="tanh", connectivity=0.7, dale_exc_fraction=0.6)
+    members = [draw(cfg, seed, mask="every") for seed in (0, 1)]
+    batch = members[0][2]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *(m[0] for m in members))
+    structs = jax.tree.map(lambda *a: jnp.stack(a), *(m[1] for m in members))
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+
+    def one(p, s, k, p0):
+        return network_measures(cfg, p, s, batch, p0, k, bound=0.05, draws=16, probes=12)
+
+    together = jax.vmap(one, in_axes=(0, 0, 0, None))(params, structs, keys, members[0][0])
+    assert set(together) == set(MEASURES)
+    for i, (p, s, _, _) in enumerate(members):
+        alone = one(p, s, keys[i], members[0][0])
+        for name in MEASURES:
+            np.testing.assert_allclose(together[name][i], alone[name], rtol=1e-10, err_msg=name)
+        w = existing_weights(p, s)
+        np.testing.assert_allclose(alone["spectral_norm_product"], np.prod(
+            [np.linalg.svd(np.asarray(a), compute_uv=False)[0] for a in (w.w_in, w.w_rec, w.w_out)]), rtol=1e-10)
+        # The Fisher–Rao norm from the per-sequence gradients, one sequence at a time.
+        theta, unravel = ravel_pytree(w)
+        along = [theta @ jax.grad(lambda t, b=b: exact_loss(cfg, unravel(t), s, jax.tree.map(lambda a: a[b:b + 1], batch)))(theta)
+                 for b in range(B)]
+        np.testing.assert_allclose(alone["fisher_rao_norm"], np.sqrt(np.mean(np.square(along))), rtol=1e-10)
+    assert float(together["distance_from_init"][0]) == 0.0 and float(together["distance_from_init"][1]) > 0

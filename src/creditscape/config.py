@@ -64,7 +64,11 @@ class MeasureConfig:
     evaluation so that ``creditscape curvature`` can measure them later; ``arnoldi_steps``: Arnoldi
     iterations for the leading eigenvalues μ of ηĴ of the final networks (the rule's update map);
     ``history_sequences``: when > 0, losses and accuracies along training are measured on the
-    first that many sequences of each set (the final ones always on the whole sets)."""
+    first that many sequences of each set (the final ones always on the whole sets);
+    ``generalization_measures``: also measure the final networks by PAC-Bayes flatness (loss
+    increase ``pac_bayes_bound``, ``pac_bayes_draws`` draws), relative flatness, the Fisher–Rao
+    norm, the spectral-norm product and the distance from initialization
+    (:func:`creditscape.generalization_measures.network_measures`, on the curvature batch)."""
 
     curvature_block: str = "w_rec"
     curvature_batch: int = 256
@@ -77,12 +81,15 @@ class MeasureConfig:
     save_trajectory: bool = True
     arnoldi_steps: int = 20
     history_sequences: int = 0
+    generalization_measures: bool = False
+    pac_bayes_bound: float = 0.1
+    pac_bayes_draws: int = 32
 
     def __post_init__(self):
         if self.curvature_block not in ("all", "recurrent", "w_rec"):
             raise ValueError(f"measure.curvature_block: expected all, recurrent or w_rec, got {self.curvature_block!r}.")
         for name in ("curvature_batch", "lanczos_steps", "trace_probes", "slice_points", "slice_radius", "sharpness_scale",
-                     "arnoldi_steps"):
+                     "arnoldi_steps", "pac_bayes_bound", "pac_bayes_draws"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"measure.{name}: must be > 0, got {getattr(self, name)!r}.")
         if self.history_sequences < 0:

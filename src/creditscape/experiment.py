@@ -43,13 +43,15 @@ from creditscape.config import Cell, Experiment, MeasureConfig, RuleSpec, resolv
 from creditscape.curvature import block_loss, hutch_plus_plus, hvp, lanczos
 from creditscape.devices import MemberSharding
 from creditscape.errors import ConfigError, ResultsFolderError
+from creditscape.generalization_measures import MEASURES as GENERALIZATION_MEASURES
+from creditscape.generalization_measures import network_measures
 from creditscape.theory import arnoldi, estimate_on_block, jacobian_vector_product, ritz_values
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch
 from creditscape.sharpness import filter_normalized_direction, loss_slice, random_sharpness
 from creditscape.tasks import make_splits
-from creditscape.train import (Checkpoint, CurvatureProbe, TrainConfig, learning_rate_multiplier, to_device,
-                               train_ensemble)
+from creditscape.train import (Checkpoint, CurvatureProbe, TrainConfig, initial_network, learning_rate_multiplier,
+                               to_device, train_ensemble)
 
 if TYPE_CHECKING:
     from creditscape.distributed import RayCluster
@@ -144,10 +146,15 @@ def make_final_measurements(exp: Experiment, cell: Cell, batch: Batch):
         d2 = filter_normalized_direction(params, struct, k_d2)
         s1 = loss_slice(cell.model, params, struct, batch, (d1,), c1[:, None])
         s2 = loss_slice(cell.model, params, struct, batch, (d1, d2), grid2).reshape(n2, n2)
-        return {"trace": tr.value, "trace_stderr": tr.stderr, "sharpness_random": sharp.value,
-                "lambda_max_all": top.values[0],
-                "lambda_max_all_residual": jnp.linalg.norm(hvp(f_all, x_all, v1) - top.values[0] * v1),
-                "slice1d": s1, "slice2d": s2}
+        out = {"trace": tr.value, "trace_stderr": tr.stderr, "sharpness_random": sharp.value,
+               "lambda_max_all": top.values[0],
+               "lambda_max_all_residual": jnp.linalg.norm(hvp(f_all, x_all, v1) - top.values[0] * v1),
+               "slice1d": s1, "slice2d": s2}
+        if m.generalization_measures:
+            out.update(network_measures(cell.model, params, struct, batch, initial_network(cell.model, seed, x0.dtype)[0],
+                                        jax.random.fold_in(k_sharp, 1), bound=m.pac_bayes_bound,
+                                        draws=m.pac_bayes_draws, probes=m.trace_probes))
+        return out
 
     def final_measurements(params: Params, structs: Structure, seeds) -> dict:
         out = jax.device_get(measure(params, structs, jnp.asarray(seeds)))
@@ -292,7 +299,9 @@ def _tables(exp: Experiment, runs: dict[tuple[int, int], dict]):
             row.update({k[5:]: float(r[k][mi, -1]) for k in r if k.startswith("eval/")})
             row.update({k[6:]: float(r[k][mi]) for k in ("final/trace", "final/trace_stderr", "final/sharpness_random",
                                                          "final/lambda_max_all", "final/lambda_max_all_residual",
-                                                         "final/update_map_stable", "final/eta_end")})
+                                                         "final/update_map_stable", "final/eta_end",
+                                                         *(f"final/{name}" for name in GENERALIZATION_MEASURES))
+                        if k in r})
             for j in range(TOP_MU):
                 row[f"mu{j + 1}_re"], row[f"mu{j + 1}_im"] = float(r["final/mu_re"][mi, j]), float(r["final/mu_im"][mi, j])
             row["gap_loss"] = row["test_loss"] - row["train_loss"]

@@ -12,8 +12,12 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
-from creditscape.curvature import hutch_plus_plus, hvp
+from creditscape import model as _model
+from creditscape.curvature import block_loss, existing_weights, hutch_plus_plus, hvp
+from creditscape.model import ModelConfig, Params, Structure
+from creditscape.objective import Batch, loss_from_outputs
 
 
 class Flatness(NamedTuple):
@@ -87,3 +91,39 @@ def spectral_norm_product(*matrices: jax.Array) -> jax.Array:
 def distance_from_initialization(theta: jax.Array, theta_init: jax.Array) -> jax.Array:
     """‖θ − θ₀‖₂, how far training moved the parameters."""
     return jnp.linalg.norm(theta - theta_init)
+
+
+MEASURES = ("pac_bayes_sigma", "pac_bayes_sigma_stderr_increase", "pac_bayes_sigma_capped", "pac_bayes_sigma_magnitude",
+            "pac_bayes_sigma_magnitude_capped", "relative_flatness", "relative_flatness_stderr", "fisher_rao_norm",
+            "spectral_norm_product", "distance_from_init")  # what :func:`network_measures` returns
+
+
+def network_measures(cfg: ModelConfig, params: Params, struct: Structure, batch: Batch, params_init: Params,
+                     key: jax.Array, *, bound: float, draws: int, probes: int) -> dict[str, jax.Array]:
+    """Every measure above for one trained network on ``batch`` (vmap it over an ensemble):
+    PAC-Bayes σ of all parameters, isotropic and magnitude-aware (loss-increase ``bound``,
+    ``draws`` Monte Carlo draws); relative flatness of W_rec; the Fisher–Rao norm over the batch's
+    sequences; ∏‖W‖₂ of W_in, W_rec and W_out; ‖θ − θ₀‖ from the network's initialization
+    ``params_init``. Absent recurrent connections count as zeros everywhere (the model's own)."""
+    k_iso, k_mag, k_rel = jax.random.split(key, 3)
+    f_all, theta = block_loss(cfg, params, struct, batch, "all")
+    isotropic = pac_bayes_flatness(f_all, theta, k_iso, bound=bound, draws=draws)
+    magnitude = pac_bayes_flatness(f_all, theta, k_mag, bound=bound, draws=draws, magnitude_aware=True)
+    f_rec, w_rec = block_loss(cfg, params, struct, batch, "w_rec")
+    kappa, kappa_stderr = relative_flatness(f_rec, w_rec, k_rel, probes)
+    flat, unravel = ravel_pytree(existing_weights(params, struct))
+
+    def per_sequence_losses(t):
+        y = _model.outputs(cfg, unravel(t), struct, batch.x)
+        return jax.vmap(lambda yb, b: loss_from_outputs(cfg, yb[None], jax.tree.map(lambda a: a[None], b)))(y, batch)
+
+    trained, initial = existing_weights(params, struct), existing_weights(params_init, struct)
+    return {
+        "pac_bayes_sigma": isotropic.sigma, "pac_bayes_sigma_stderr_increase": isotropic.stderr,
+        "pac_bayes_sigma_capped": isotropic.capped,
+        "pac_bayes_sigma_magnitude": magnitude.sigma, "pac_bayes_sigma_magnitude_capped": magnitude.capped,
+        "relative_flatness": kappa, "relative_flatness_stderr": kappa_stderr,
+        "fisher_rao_norm": fisher_rao_norm(per_sequence_losses, flat),
+        "spectral_norm_product": spectral_norm_product(trained.w_in, trained.w_rec, trained.w_out),
+        "distance_from_init": distance_from_initialization(ravel_pytree(trained)[0], ravel_pytree(initial)[0]),
+    }

@@ -159,11 +159,16 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
+def initial_network(cfg: ModelConfig, seed, dtype=jnp.float32) -> tuple[Params, Structure]:
+    """The parameters and structure member ``seed`` starts training from."""
+    return _model.init(cfg, jax.random.split(jax.random.PRNGKey(seed), 3)[0], dtype)
+
+
 def init_seed(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, seed, dtype=jnp.float32, learning_rate=None):
     """(TrainState, Structure, rule state) of one seed; every random choice flows from ``seed``.
     ``learning_rate`` (default ``tcfg.learning_rate``) is the member's base η."""
-    k_model, k_rule, k_train = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params, struct = _model.init(cfg, k_model, dtype)
+    _, k_rule, k_train = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params, struct = initial_network(cfg, seed, dtype)
     rule_state = rule.init(cfg, params, struct, key=k_rule)
     opt_state = make_optimizer(tcfg).init(params)
     lr = jnp.asarray(tcfg.learning_rate if learning_rate is None else learning_rate, dtype)
