@@ -235,7 +235,7 @@ def test_quick_preset_resolves():
 
 
 @pytest.mark.parametrize("name", ["paper-neuro", "paper-neuro-matched", "remedies", "paper-smnist", "paper-smnist-rules",
-                                  "paper-smnist-leaky", "paper-smnist-matched"])
+                                  "paper-smnist-leaky", "paper-smnist-matched", "measures"])
 def test_every_preset_resolves(name, isolated_home, tmp_path):
     if "smnist" in name:
         with pytest.raises(ConfigError, match="MNIST files not found"):

@@ -74,6 +74,33 @@ def test_stratified_spearman_holds_its_level_under_the_null():
     assert 0.01 <= np.mean(np.array(ps) < 0.05) <= 0.10
 
 
+def test_kendall_ranks_a_monotone_measure_perfectly_and_holds_its_level_under_the_null():
+    rng = np.random.default_rng(0)
+    gap = rng.normal(size=30)
+    perfect = stats.kendall(np.exp(gap), gap)
+    assert perfect.tau == pytest.approx(1.0) and perfect.ci[0] > 0.9 and perfect.p < 1e-6 and perfect.n == 30
+    nulls = [stats.kendall(rng.normal(size=30), rng.normal(size=30), resamples=10).p for _ in range(300)]
+    assert 0.015 < np.mean(np.less(nulls, 0.05)) < 0.09
+    assert np.isnan(stats.kendall([1.0, 2.0, np.nan], [1.0, 2.0, 3.0]).tau)  # too few finite pairs
+
+
+def test_granulated_kendall_credits_a_measure_only_for_the_hyperparameter_it_tracks():
+    """gap = f(η) + g(N) + noise over a 3 × 3 grid with 4 seeds (Jiang et al. 2020, eq. 4)."""
+    rng = np.random.default_rng(1)
+    settings = pd.DataFrame([(lr, n) for lr in (0.01, 0.03, 0.1) for n in (16, 32, 64) for _ in range(4)],
+                            columns=["learning_rate", "n_rec"])
+    f, g = np.log10(settings.learning_rate.to_numpy()), np.log2(settings.n_rec.to_numpy()) / 3
+    gap = f + g + 0.01 * rng.normal(size=len(settings))
+    psi, per = stats.granulated_kendall(gap, gap, settings)
+    assert psi == pytest.approx(1.0) and per == {"learning_rate": pytest.approx(1.0), "n_rec": pytest.approx(1.0)}
+    psi, per = stats.granulated_kendall(f, gap, settings)  # sees the learning rate's effect only
+    assert per["learning_rate"] > 0.7 and per["n_rec"] == 0.0 and psi == pytest.approx(per["learning_rate"] / 2)
+    psi, per = stats.granulated_kendall(-g, gap, settings)  # the size's effect, with the wrong sign
+    assert per["n_rec"] < -0.7 and per["learning_rate"] == 0.0
+    psi, per = stats.granulated_kendall(f, gap, settings[["learning_rate"]])  # one hyperparameter: all runs
+    assert per["learning_rate"] == pytest.approx(stats.kendall(f, gap).tau)
+
+
 def test_benjamini_hochberg_by_hand_and_nan_kept():
     p = np.array([0.01, 0.04, np.nan, 0.03, 0.5])
     got = stats.adjust(p)

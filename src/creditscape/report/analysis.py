@@ -173,6 +173,40 @@ def correlations(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Ranked against the gaps when the final networks carry them (measure.generalization_measures);
+# the sign a measure's τ should have if it predicts as its literature says: sharper → larger gap.
+RANKED = {"lambda_max": +1, "trace": +1, "sharpness_random": +1, "pac_bayes_sigma": -1,
+          "pac_bayes_sigma_magnitude": -1, "relative_flatness": +1, "fisher_rao_norm": +1,
+          "spectral_norm_product": +1, "distance_from_init": +1}
+LABELS.update({"sharpness_random": "random sharpness", "pac_bayes_sigma": "PAC-Bayes σ",
+               "pac_bayes_sigma_magnitude": "PAC-Bayes σ (magnitude-aware)", "relative_flatness": "relative flatness",
+               "fisher_rao_norm": "Fisher–Rao norm", "spectral_norm_product": "∏ spectral norms",
+               "distance_from_init": "distance from initialization"})
+
+
+def measure_ranking(runs: pd.DataFrame, hyperparameters: list[str]) -> pd.DataFrame:
+    """How well each measure ranks runs by each gap (Jiang et al. 2020): Kendall's τ with a
+    bootstrap interval and granulated Ψ (one hyperparameter varied at a time) over all runs — the
+    rule counted as a hyperparameter — and within each rule. ``hyperparameters``: the grid's
+    columns (and ``learning_rate``); those that do not vary in a scope are left out there."""
+    rows = []
+    for measure in (m for m in RANKED if m in runs and np.isfinite(runs[m].to_numpy(float)).any()):
+        for gap in GAPS:
+            if gap not in runs:
+                continue
+            scopes = [("all runs", runs, [*hyperparameters, "rule"])]
+            scopes += [(rule, runs[runs.rule == rule], hyperparameters) for rule in dict.fromkeys(runs.rule)]
+            for scope, g, names in scopes:
+                varied = [h for h in names if h in g and g[h].nunique() > 1]
+                k = stats.kendall(g[measure], g[gap])
+                psi = stats.granulated_kendall(g[measure], g[gap], g[varied])[0] if varied else float("nan")
+                if np.isfinite(k.tau):
+                    rows.append({"task": runs.task.iloc[0], "measure": measure, "gap": gap, "scope": scope, "n": k.n,
+                                 "tau": k.tau, "ci_low": k.ci[0], "ci_high": k.ci[1], "p": k.p, "psi": psi,
+                                 "expected_sign": RANKED[measure]})
+    return pd.DataFrame(rows)
+
+
 def adjust_all(*tables: pd.DataFrame) -> None:
     """Benjamini–Hochberg over every p-value of the given tables together (``p_adjusted``, in place)."""
     ps = np.concatenate([t.p.to_numpy(float) if "p" in t else np.zeros(0) for t in tables])

@@ -179,6 +179,33 @@ def _correlation_table(corr: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def _ranking_table(ranking: pd.DataFrame) -> pd.DataFrame:
+    if not len(ranking):
+        return ranking
+    return pd.DataFrame({
+        "measure": ranking.measure.map(A.LABELS), "expected": ranking.expected_sign.map({1: "+", -1: "−"}),
+        "gap": ranking.gap.map(A.LABELS), "scope": ranking.scope, "n": ranking.n,
+        "Kendall τ [95% CI]": [f"{number(r.tau, 2)} [{number(r.ci_low, 2)}, {number(r.ci_high, 2)}]"
+                               for r in ranking.itertuples()],
+        "Ψ": ranking.psi.map(lambda v: number(v, 2)),
+        "p": ranking.p.map(lambda v: number(v, 2)), "p (BH)": ranking.p_adjusted.map(lambda v: number(v, 2)),
+    })
+
+
+def _ranking_findings(ranking: pd.DataFrame) -> list[str]:
+    """Per gap and scope, the measure that ranks runs best in its expected direction."""
+    out = []
+    for (gap, scope), g in ranking.groupby(["gap", "scope"], sort=False):
+        g = g.assign(signed=g.tau * g.expected_sign).sort_values("signed", ascending=False)
+        best = g.iloc[0]
+        held = "significant" if best.p_adjusted < 0.05 else "not significant"
+        out.append(f"Best predictor of the {A.LABELS[gap]} ({scope}, n = {best.n}): {A.LABELS[best.measure]}, "
+                   f"Kendall τ = {number(best.tau, 2)} (95% CI [{number(best.ci_low, 2)}, {number(best.ci_high, 2)}]; "
+                   f"expected sign {'+' if best.expected_sign > 0 else '−'}; Benjamini–Hochberg p = "
+                   f"{number(best.p_adjusted, 2)}, {held}); granulated Ψ = {number(best.psi, 2)}.")
+    return out
+
+
 def _matched_table(matched: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for cond, g in matched.groupby("condition", sort=False):
@@ -234,7 +261,8 @@ def _theory_table(final: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _analyse(final: pd.DataFrame, history: pd.DataFrame, target: float | None) -> dict:
+def _analyse(final: pd.DataFrame, history: pd.DataFrame, target: float | None,
+             hyperparameters: list[str] = ()) -> dict:
     """Everything one task's section needs, p-values not yet adjusted."""
     final, history = A.with_gaps(final), A.with_gaps(history)
     runs, dropped = A.counted(final)
@@ -251,8 +279,9 @@ def _analyse(final: pd.DataFrame, history: pd.DataFrame, target: float | None) -
     readings = [] if target is not None else [A.contrasts(alive, "fixed budget")]
     readings += [A.contrasts(reached, "matched")] if len(reached) else []
     contrasts = pd.concat(readings, ignore_index=True) if readings else pd.DataFrame()
+    ranking = A.measure_ranking(alive, list(hyperparameters)) if "pac_bayes_sigma" in alive else pd.DataFrame()
     return {"final": final, "history": history, "dropped": dropped, "levels": levels, "matched": matched,
-            "contrasts": contrasts, "correlations": A.correlations(alive)}
+            "contrasts": contrasts, "correlations": A.correlations(alive), "ranking": ranking}
 
 
 def _level_text(levels: pd.Series, target) -> str:
@@ -273,6 +302,8 @@ def _findings(a: dict, target, tests: int) -> list:
         out += _contrast_findings(a["contrasts"], a["matched"], _level_text(a["levels"], target), tests)
     if len(a["correlations"]):
         out += _correlation_findings(a["correlations"])
+    if len(a["ranking"]):
+        out += _ranking_findings(a["ranking"])
     for left_out, kept in a["dropped"]:
         out.append(f"{left_out} is the same computation as {kept}: it was run as a check and is left out of every "
                    "statistic.")
@@ -337,8 +368,10 @@ def write_report(folder: str | Path) -> Path:
     for task in tasks:  # perturbed sets are per task: drop the other tasks' (empty) columns
         f_t = final[final.task == task].dropna(axis=1, how="all")
         h_t = history[history.task == task].dropna(axis=1, how="all")
-        analyses[task] = _analyse(f_t, h_t, cells[task]["train"].get("target_loss"))
-    tested = [t for a in analyses.values() for t in (a["contrasts"], a["correlations"])]
+        hyperparameters = [k.partition(".")[2] for k in cells[task]["values"] if k != "task.name"]
+        hyperparameters += ["learning_rate"] if "learning_rate" not in hyperparameters else []
+        analyses[task] = _analyse(f_t, h_t, cells[task]["train"].get("target_loss"), hyperparameters)
+    tested = [t for a in analyses.values() for t in (a["contrasts"], a["correlations"], a["ranking"])]
     A.adjust_all(*tested)
     tests = sum(int(np.isfinite(t.p.to_numpy(float)).sum()) for t in tested if "p" in t)
 
@@ -374,6 +407,8 @@ def write_report(folder: str | Path) -> Path:
              if len(a["matched"]) else pd.DataFrame()),
             ("Each condition against BPTT", _contrast_table(a["contrasts"])),
             ("Curvature against the gaps", _correlation_table(a["correlations"])),
+            ("Which measure ranks runs by their gap (Kendall's τ; Ψ: granulated, one hyperparameter varied at a time)",
+             _ranking_table(a["ranking"])),
             ("Stability theory at the end", _theory_table(A.counted(a["final"])[0])),
         ]
         findings = _findings(a, target, tests)

@@ -9,6 +9,9 @@
   *between* conditions (e.g. one rule underfits and is flatter) cannot make a correlation that
   holds within none of them. Bootstrap and permutations stay within strata.
 * :func:`adjust` — Benjamini–Hochberg adjusted p-values over every test a report prints.
+* :func:`kendall`, :func:`granulated_kendall` — how well a generalization measure ranks runs by
+  their gap: Kendall's τ over all runs, and Jiang et al.'s granulated τ (one hyperparameter varied
+  at a time, the others held fixed).
 
 Non-finite values are dropped pairwise; groups too small for a statistic give NaN, never an error.
 """
@@ -142,3 +145,48 @@ def adjust(pvalues) -> np.ndarray:
     if ok.any():
         out[ok] = stats.false_discovery_control(p[ok], method="bh")
     return out
+
+
+class Kendall(NamedTuple):
+    n: int  # runs with both values finite
+    tau: float  # Kendall's τ_b
+    ci: tuple[float, float]  # bootstrap percentile interval (runs resampled)
+    p: float  # two-sided p of τ = 0 (scipy.stats.kendalltau)
+
+
+def kendall(x, y, *, resamples: int = 1999, seed: int = 0) -> Kendall:
+    """Kendall's τ_b of x and y across runs, with a bootstrap interval; NaN when fewer than 4 runs
+    have both values."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 4:
+        return Kendall(len(x), float("nan"), (float("nan"), float("nan")), float("nan"))
+    result = stats.kendalltau(x, y)
+    rng = np.random.default_rng(seed)
+    boot = rng.integers(0, len(x), (resamples, len(x)))
+    taus = np.array([stats.kendalltau(x[i], y[i]).statistic for i in boot])
+    lo, hi = np.nanpercentile(taus, [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)])
+    return Kendall(len(x), float(result.statistic), (float(lo), float(hi)), float(result.pvalue))
+
+
+def granulated_kendall(x, y, settings) -> tuple[float, dict[str, float]]:
+    """Jiang et al. (ICLR 2020, eq. 4): for each hyperparameter (a column of ``settings``, one row
+    per run), the mean over groups of runs that agree on every other hyperparameter of Kendall's τ
+    of x and y within the group — how well x predicts y when only that hyperparameter varies —
+    and Ψ, the mean of those over the hyperparameters. Groups where the hyperparameter takes one
+    value only are left out, and a group where x or y is constant counts τ = 0; a hyperparameter
+    with no group that varies it gets NaN (and is left out of Ψ)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    settings = settings.reset_index(drop=True)[ok]
+    x, y = x[ok], y[ok]
+    per = {}
+    for name in settings.columns:
+        others = [c for c in settings.columns if c != name]
+        groups = settings.groupby(others, sort=False).indices.values() if others else [np.arange(len(x))]
+        taus = [stats.kendalltau(x[g], y[g]).statistic for g in groups if settings[name].iloc[g].nunique() > 1]
+        # (τ is undefined where x or y is constant in a group: no ranking predicted there, so 0)
+        per[name] = float(np.mean(np.nan_to_num(taus, nan=0.0))) if taus else float("nan")
+    finite = [t for t in per.values() if np.isfinite(t)]
+    return (float(np.mean(finite)) if finite else float("nan")), per
