@@ -368,7 +368,7 @@ def write_report(folder: str | Path) -> Path:
     for task in tasks:  # perturbed sets are per task: drop the other tasks' (empty) columns
         f_t = final[final.task == task].dropna(axis=1, how="all")
         h_t = history[history.task == task].dropna(axis=1, how="all")
-        hyperparameters = [k.partition(".")[2] for k in cells[task]["values"] if k != "task.name"]
+        hyperparameters = [k.partition(".")[2] for k in cells[task].get("values", {}) if k != "task.name"]
         hyperparameters += ["learning_rate"] if "learning_rate" not in hyperparameters else []
         analyses[task] = _analyse(f_t, h_t, cells[task]["train"].get("target_loss"), hyperparameters)
     tested = [t for a in analyses.values() for t in (a["contrasts"], a["correlations"], a["ranking"])]
