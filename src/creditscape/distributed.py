@@ -29,7 +29,7 @@ from creditscape import stopping
 from creditscape._files import save_arrays
 from creditscape.cli import HOST_DEVICES_FLAG
 from creditscape.errors import ConfigError, UnitsFailed
-from creditscape.experiment import cell_data, run_path, train_unit, unit_label
+from creditscape.experiment import run_path, train_unit, unit_label, units_to_train
 from creditscape.train import Checkpoint
 
 
@@ -107,15 +107,16 @@ def _failure(ray, err: Exception) -> str:
 def train_on_ray(exp, out: Path, cluster: RayCluster, *, checkpoint_seconds: float, progress: bool, log) -> None:
     """Train every unit of ``exp`` whose file is not in ``out/runs`` as a task on ``cluster``,
     writing each file as its unit finishes; raise :class:`UnitsFailed` if any unit failed."""
-    todo = []
-    for cell in exp.cells:
-        for ri, spec in enumerate(exp.rules):
-            if run_path(out, cell, ri, spec).exists():
-                log(f"  {unit_label(exp, cell, ri, spec)}: already done ({run_path(out, cell, ri, spec).name}), skipped")
-            else:
-                todo.append((cell, ri, spec))
-    if todo:
-        _run_units(import_ray(), exp, out, cluster, todo, checkpoint_seconds, progress, log)
+    ray, units = None, {}
+    for cell, splits, todo in units_to_train(exp, out, log):
+        if not todo:
+            continue
+        ray = ray or import_ray()
+        data = ray.put(splits)  # one copy of a cell's data in the object store, for all its units
+        for ri, _ in todo:
+            units[cell.index, ri] = data
+    if units:
+        _run_units(ray, exp, out, cluster, units, checkpoint_seconds, progress, log)
 
 
 @contextlib.contextmanager
@@ -140,18 +141,18 @@ def connected(cluster: RayCluster):
         ray.shutdown()
 
 
-def _run_units(ray, exp, out: Path, cluster: RayCluster, todo, checkpoint_seconds, progress, log) -> None:
+def _run_units(ray, exp, out: Path, cluster: RayCluster, todo: dict, checkpoint_seconds, progress, log) -> None:
+    """Submit every unit (cell index, rule index) of ``todo`` with its cell's data (an object
+    reference) and write each unit's file as it finishes."""
     task = ray.remote(_train_unit).options(
         num_cpus=cluster.cpus, num_gpus=cluster.gpus, max_retries=cluster.retries, retry_exceptions=False,
         runtime_env={"env_vars": cluster.unit_environment()},
     )
-    units, data = {}, {}
-    for cell, ri, spec in todo:
-        if cell.index not in data:  # one copy of a cell's data in the object store, for all its units
-            data[cell.index] = ray.put(cell_data(exp, out, cell))
+    units = {}
+    for (ci, ri), data in todo.items():
+        cell, spec = exp.cells[ci], exp.rules[ri]
         checkpoint = run_path(out, cell, ri, spec).with_suffix(".ckpt.npz").resolve()
-        ref = task.remote(exp, cell.index, ri, data[cell.index], str(checkpoint), checkpoint_seconds)
-        units[ref] = (cell, ri, spec)
+        units[task.remote(exp, cell.index, ri, data, str(checkpoint), checkpoint_seconds)] = (cell, ri, spec)
 
     resources = ray.cluster_resources()
     at_once = min(int(resources.get("CPU", 0) // cluster.cpus),

@@ -408,6 +408,21 @@ def cell_data(exp: Experiment, out: Path, cell: Cell):
     return splits
 
 
+def units_to_train(exp: Experiment, out: Path, log):
+    """For each cell: (cell, its data sets checked against the folder's, the (rule index, rule)
+    units whose file is not in ``out/runs`` yet); the units already done are logged as skipped."""
+    for cell in exp.cells:
+        splits = cell_data(exp, out, cell)
+        todo = []
+        for ri, spec in enumerate(exp.rules):
+            path = run_path(out, cell, ri, spec)
+            if path.exists():
+                log(f"  {unit_label(exp, cell, ri, spec)}: already done ({path.name}), skipped")
+            else:
+                todo.append((ri, spec))
+        yield cell, splits, todo
+
+
 def _train_here(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: float, devices: int | None,
                 log) -> None:
     """Train every unit not yet done, one after another in this process."""
@@ -417,14 +432,10 @@ def _train_here(exp: Experiment, out: Path, progress: bool, checkpoint_seconds: 
     left = {(c.index, ri): spec.train_config(c.train).steps for c in exp.cells for ri, spec in enumerate(exp.rules)
             if not run_path(out, c, ri, spec).exists()}
     spent, done_iterations = 0.0, 0
-    for cell in exp.cells:
-        splits = cell_data(exp, out, cell)
-        final_measurements = make_final_measurements(exp, cell, _curvature_batch(exp, splits))
-        for ri, spec in enumerate(exp.rules):
+    for cell, splits, todo in units_to_train(exp, out, log):
+        final_measurements = make_final_measurements(exp, cell, _curvature_batch(exp, splits)) if todo else None
+        for ri, spec in todo:
             path, label = run_path(out, cell, ri, spec), unit_label(exp, cell, ri, spec)
-            if path.exists():
-                log(f"  {label}: already done ({path.name}), skipped")
-                continue
             checkpoint = Checkpoint(path.with_suffix(".ckpt.npz"), checkpoint_seconds)
             resumed = checkpoint.path.exists()
             start = time.perf_counter()
