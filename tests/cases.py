@@ -24,6 +24,10 @@ def model_cases():
                                                        dale_exc_fraction=0.6, learn_init_state=True, loss="mse")))
     out.append(("voltage-celltypes-selfconn-nobias", M.ModelConfig(N_IN, N_REC, N_OUT, alpha=0.5, activation="softplus",
                                                                   cell_types=2, self_connections=True, bias=False)))
+    out.append(("voltage-heterotau-s0", M.ModelConfig(N_IN, N_REC, N_OUT, alpha=0.6, leak_spread=0.8, activation="tanh",
+                                                     learn_init_state=True)))
+    out.append(("rate-heterotau-s0", M.ModelConfig(N_IN, N_REC, N_OUT, form="rate", alpha=0.6, leak_spread=0.8,
+                                                  activation="softplus", learn_init_state=True)))
     return out
 
 
@@ -80,7 +84,7 @@ n_rec = 16
 [train]
 optimizer = "sgd"
 learning_rate = 0.05
-steps = 1000
+steps = 400
 eval_every = 20
 batch_size = 16
 [measure]

@@ -18,7 +18,7 @@ from creditscape.train import TrainConfig, train_ensemble
 
 def test_forced_divergence_is_recorded_and_reported(tmp_path, monkeypatch):
     cfg = tmp_path / "div.toml"
-    cfg.write_text(SLOW_EXPERIMENT.replace("steps = 1000", "steps = 40").replace(
+    cfg.write_text(SLOW_EXPERIMENT.replace("steps = 400", "steps = 40").replace(
         "[measure]", '[grid]\n"train.learning_rate" = [0.05, 1e20]\n[measure]\ngeneralization_measures = true\n'
                      'pac_bayes_draws = 8'))
     out = tmp_path / "out"

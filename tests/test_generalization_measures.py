@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
 from cases import B, N_IN, N_OUT, N_REC, draw
@@ -15,6 +16,9 @@ from creditscape.generalization_measures import (
     distance_from_initialization,
     network_measures,
     fisher_rao_norm,
+    hessian_diagonal,
+    log_path_norm,
+    normalized_sharpness,
     pac_bayes_flatness,
     relative_flatness,
     spectral_norm_product,
@@ -126,4 +130,88 @@ def test_network_measures_vmap_over_members_and_agree_with_direct_computations()
         along = [theta @ jax.grad(lambda t, b=b: exact_loss(cfg, unravel(t), s, jax.tree.map(lambda a: a[b:b + 1], batch)))(theta)
                  for b in range(B)]
         np.testing.assert_allclose(alone["fisher_rao_norm"], np.sqrt(np.mean(np.square(along))), rtol=1e-10)
+        # Normalized sharpness from the dense Hessian's diagonal, layer by layer.
+        dense_diag = np.diagonal(jax.hessian(lambda t: exact_loss(cfg, unravel(t), s, batch))(theta))
+        diag = unravel(jnp.asarray(dense_diag))
+        np.testing.assert_allclose(alone["normalized_sharpness"], sum(
+            normalized_sharpness(getattr(w, n), getattr(diag, n)) for n in ("w_in", "w_rec", "w_out")), rtol=1e-9)
+        np.testing.assert_allclose(alone["log_path_norm"], log_path_norm(cfg, p, s, batch.x.shape[1]), rtol=1e-12)
     assert float(together["distance_from_init"][0]) == 0.0 and float(together["distance_from_init"][1]) > 0
+
+
+def _positive_matrices(seed, shape):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=shape), rng.uniform(0.1, 2.0, size=shape)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_normalized_sharpness_is_the_minimum_over_row_and_column_scales(seed):
+    """Against a generic minimizer of the same objective over (log σ, log σ'), written out."""
+    w, h = _positive_matrices(seed, (4, 3))
+
+    def objective(z):
+        s2 = np.exp(z[:4])[:, None] * np.exp(z[4:])[None, :]  # (σ_i σ'_j)²
+        return np.sum(h * s2 + w**2 / s2)
+
+    direct = scipy.optimize.minimize(objective, np.zeros(7), method="BFGS", options={"gtol": 1e-12}).fun
+    np.testing.assert_allclose(normalized_sharpness(jnp.asarray(w), jnp.asarray(h)), direct, rtol=1e-9)
+
+
+def test_normalized_sharpness_closed_form_and_invariance():
+    w, h = _positive_matrices(2, (5, 1))
+    # One column: each row has its own scale, so the minimum is Σ_i 2|w_i|√h_i.
+    np.testing.assert_allclose(normalized_sharpness(jnp.asarray(w), jnp.asarray(h)),
+                               2 * np.sum(np.abs(w) * np.sqrt(h)), rtol=1e-12)
+    # Scaling rows by λ and columns by μ, with the curvature scaled to match, changes nothing.
+    w, h = _positive_matrices(3, (4, 6))
+    lam, mu = np.exp(np.random.default_rng(4).normal(size=(2, 10)))
+    scale = lam[:4, None] * mu[None, :6]
+    np.testing.assert_allclose(normalized_sharpness(jnp.asarray(w * scale), jnp.asarray(h / scale**2)),
+                               normalized_sharpness(jnp.asarray(w), jnp.asarray(h)), rtol=1e-9)
+    # A row without curvature costs nothing (its scale goes to infinity), and stays finite.
+    h[0] = 0.0
+    value = float(normalized_sharpness(jnp.asarray(w), jnp.asarray(h)))
+    assert np.isfinite(value) and value < float(normalized_sharpness(jnp.asarray(w), jnp.asarray(h + 1e-3)))
+
+
+def test_hessian_diagonal_is_the_dense_one():
+    x = jax.random.normal(jax.random.PRNGKey(0), (11,))
+    f = lambda v: jnp.sum(jnp.tanh(v) ** 3) + jnp.sum(jnp.outer(v, v) ** 2)
+    np.testing.assert_allclose(hessian_diagonal(f, x, chunk=4), jnp.diagonal(jax.hessian(f)(x)), rtol=1e-12)
+
+
+def _brute_force_path_sum(cfg, p, n_steps):
+    """Σ over paths of Π c², by recursion over (unit, step) written from the definition."""
+    a, w_in, w_rec, w_out = cfg.alpha, *(np.asarray(m) for m in (p.w_in, p.w_rec, p.w_out))
+    b = None if p.b is None else np.asarray(p.b)
+
+    def into(i, t):  # paths ending in unit i at step t (t = 0: the initial state)
+        if t == 0:
+            return 0.0 if p.s0 is None else float(p.s0[i]) ** 2
+        total = a**2 * into(i, t - 1)  # the leak
+        total += (1 - a) ** 2 * sum(w_rec[i, j] ** 2 * into(j, t - 1) for j in range(cfg.n_rec))
+        total += (1 - a) ** 2 * (np.sum(w_in[i] ** 2) + (0.0 if b is None else b[i] ** 2))
+        return total
+
+    first = n_steps - (cfg.readout_steps or n_steps)
+    return sum(np.sum(w_out[k] ** 2 * np.array([into(i, t) for i in range(cfg.n_rec)])) + float(p.b_out[k]) ** 2
+               for t in range(first + 1, n_steps + 1) for k in range(cfg.n_out))
+
+
+@pytest.mark.parametrize("case", ["leak-s0-readout", "dense"])
+def test_log_path_norm_is_the_path_sum(case):
+    if case == "dense":
+        cfg = M.ModelConfig(N_IN, 3, N_OUT, activation="relu")
+    else:
+        cfg = M.ModelConfig(N_IN, 3, N_OUT, alpha=0.4, learn_init_state=True, readout_steps=2,
+                            connectivity=0.7, self_connections=True)
+    params, struct, _, _ = draw(cfg, 5)
+    p = existing_weights(params, struct)
+    np.testing.assert_allclose(log_path_norm(cfg, params, struct, 4), 0.5 * np.log(_brute_force_path_sum(cfg, p, 4)),
+                               rtol=1e-12)
+    if case == "dense":  # Jiang et al.'s recipe: the ReLU network with squared parameters on ones
+        squared = jax.tree.map(jnp.square, p)
+        y = M.outputs(cfg, squared, struct, jnp.ones((1, 4, N_IN)))
+        np.testing.assert_allclose(log_path_norm(cfg, params, struct, 4), 0.5 * np.log(np.sum(y)), rtol=1e-12)
+    # Long sequences stay finite where the plain sum overflows.
+    assert np.isfinite(float(log_path_norm(cfg, jax.tree.map(lambda a: 30 * a, params), struct, 2000)))

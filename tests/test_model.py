@@ -1,5 +1,6 @@
 """The forward pass against a plain numpy transcription of DESIGN.md §2; init; constraints."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +11,10 @@ from creditscape import model as M
 NP_PHI = {"relu": lambda z: np.maximum(z, 0), "tanh": np.tanh, "softplus": lambda z: np.log1p(np.exp(z))}
 
 
-def numpy_run(cfg, params, mask, x, xi):
-    """DESIGN.md §2 transcribed with loops (one sequence at a time)."""
+def numpy_run(cfg, params, mask, x, xi, leaks=None):
+    """DESIGN.md §2 transcribed with loops (one sequence at a time); ``leaks``: per-unit α."""
     p = {k: (None if v is None else np.asarray(v)) for k, v in params._asdict().items()}
-    phi, a = NP_PHI[cfg.activation], cfg.alpha
+    phi, a = NP_PHI[cfg.activation], (cfg.alpha if leaks is None else np.asarray(leaks))
     W = p["w_rec"] * np.asarray(mask)
     out = np.zeros(x.shape[:2] + (cfg.n_rec,))
     for b in range(x.shape[0]):
@@ -45,6 +46,25 @@ def test_forward_matches_numpy_transcription(form, activation, alpha, extras):
     xi = np.asarray(0.1 * jax.random.normal(k[4], (2, 7, 8)))
     _, r, _ = M.run(cfg, params, struct, jnp.asarray(x), jnp.asarray(xi))
     np.testing.assert_allclose(r, numpy_run(cfg, params, struct.rec_mask, x, xi), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("form", ["voltage", "rate"])
+def test_heterogeneous_time_constants(form):
+    """Per-unit leaks α_i = α^exp(−σ z_i): log-normal time constants around τ, drawn with the
+    structure, used unit by unit in the forward pass."""
+    cfg = M.ModelConfig(4, 400, 3, form=form, alpha=0.8, leak_spread=0.5, activation="tanh")
+    params, struct = M.init(cfg, jax.random.PRNGKey(1), jnp.float64)
+    log_tau = np.log(-1 / np.log(np.asarray(struct.leak)))  # τ/dt of every unit
+    assert abs(np.median(log_tau) - np.log(-1 / np.log(0.8))) < 0.1 and abs(np.std(log_tau) - 0.5) < 0.05
+    homogeneous = M.init(dataclasses.replace(cfg, leak_spread=0.0), jax.random.PRNGKey(1), jnp.float64)
+    assert homogeneous[1].leak is None and np.array_equal(homogeneous[1].rec_mask, struct.rec_mask)
+    small = dataclasses.replace(cfg, n_rec=8)
+    params, struct = M.init(small, jax.random.PRNGKey(2), jnp.float64)
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 7, 4)))
+    _, r, _ = M.run(small, params, struct, jnp.asarray(x))
+    np.testing.assert_allclose(r, numpy_run(small, params, struct.rec_mask, x, None, struct.leak), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        M.ModelConfig(4, 8, 3, leak_spread=0.5)
 
 
 def test_paper_initialization_statistics():

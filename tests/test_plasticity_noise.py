@@ -86,6 +86,38 @@ def test_one_iteration_with_noisy_synapses_and_plasticity_is_the_written_update(
     assert not np.allclose(new.params.w_in, state.params.w_in - 0.05 * g.w_in)  # (the noise is there)
 
 
+def test_synaptic_noise_drawn_per_trial_is_the_mean_of_the_trials_estimates(cue):
+    """With ``weight_noise_draw = "trial"`` each trial of the minibatch is a batch of one at its own
+    noisy synapses; the rule's estimate is the mean of theirs, and at level 0 (option off) it is
+    the whole batch's estimate."""
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 10, task.n_out, alpha=0.3, rec_noise=0.05)
+    rule = get_rule("bptt")
+    tcfg = TrainConfig(optimizer="sgd", learning_rate=0.05, batch_size=4, weight_noise=0.1, weight_noise_draw="trial")
+    state, struct, rule_state = init_seed(cfg, rule, tcfg, 3, jnp.float64)
+    train_set = to_device(s.train)
+    new, loss = make_iteration(cfg, rule, tcfg)(state, struct, rule_state, train_set)
+
+    _, k_batch, k_noise = jax.random.split(state.key, 3)
+    idx = jax.random.randint(k_batch, (4,), 0, train_set.x.shape[0], dtype=jnp.int32)
+    batch = jax.tree.map(lambda a: a[idx], train_set)
+    noise = draw_noise(cfg, batch, k_noise)
+    keys = jax.random.split(jax.random.fold_in(k_noise, 1), 4)
+    trials = [rule.gradient(cfg, M.project(cfg, perturb_weights(state.params, 0.1, keys[b]), struct), struct, rule_state,
+                            jax.tree.map(lambda a: a[b:b + 1], batch), jax.tree.map(lambda a: a[b:b + 1], noise),
+                            form="offline") for b in range(4)]
+    np.testing.assert_allclose(loss, np.mean([t[0] for t in trials]), rtol=1e-12)
+    g = jax.tree.map(lambda *a: sum(a) / 4, *(t[1] for t in trials))
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(jax.tree.map(lambda p, d: p - 0.05 * d, state.params, g))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # Without noise the mean over batches of one is the batch's own estimate (to rounding).
+    _, whole = rule.gradient(cfg, state.params, struct, rule_state, batch, noise, form="offline")
+    parts = [rule.gradient(cfg, state.params, struct, rule_state, jax.tree.map(lambda a: a[b:b + 1], batch),
+                           jax.tree.map(lambda a: a[b:b + 1], noise), form="offline")[1] for b in range(4)]
+    for a, *b in zip(jax.tree.leaves(whole), *(jax.tree.leaves(p) for p in parts)):
+        np.testing.assert_allclose(a, sum(b) / 4, rtol=1e-11, atol=1e-14)
+
+
 def test_noise_leaves_the_minibatches_alone_and_level_zero_is_no_noise(cue):
     task, s = cue
     cfg = M.ModelConfig(task.n_in, 8, task.n_out, rec_noise=0.05)
@@ -115,7 +147,8 @@ def test_dale_signs_and_absent_connections_survive_both_noises(cue):
 
 @pytest.mark.parametrize("options, message", [({"weight_noise": -0.1}, "train.weight_noise"),
                                               ({"update_noise": float("inf")}, "train.update_noise"),
-                                              ({"update_noise_scale": "per-synapse"}, "train.update_noise_scale")])
+                                              ({"update_noise_scale": "per-synapse"}, "train.update_noise_scale"),
+                                              ({"weight_noise_draw": "step"}, "train.weight_noise_draw")])
 def test_bad_noise_settings_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**options)

@@ -24,7 +24,7 @@ from creditscape.rules import BPTT
 # JAX warns about any fork once it runs; Ray starts its processes with fork + exec, which is safe.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 
-TINY_GRID = SLOW_EXPERIMENT.replace("steps = 1000", "steps = 300")
+TINY_GRID = SLOW_EXPERIMENT.replace("steps = 400", "steps = 300")
 TIMINGS = {"train_seconds", "measure_seconds", "eval_seconds"}
 
 

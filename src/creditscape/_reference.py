@@ -47,12 +47,18 @@ def _pieces(cfg, params, struct, x, xi, target, weights, feedback):
     return out, unravel
 
 
-def _recurrent_hop(cfg, s_prev_next, s_next, u_next, w_bar):
+def _leaks(cfg, struct):
+    """diag(α_1 … α_N): each unit's leak as a matrix."""
+    return np.diag(np.full(cfg.n_rec, cfg.alpha) if struct.leak is None else np.asarray(struct.leak))
+
+
+def _recurrent_hop(cfg, struct, s_prev_next, s_next, u_next, w_bar):
     """R̄_{t+1} = ∂s_{t+1}/∂s_t through the recurrent path with W̄, written out."""
     dphi = lambda z: np.asarray(jax.vmap(jax.grad(cfg.phi))(jnp.asarray(z)))
+    one_minus = np.eye(cfg.n_rec) - _leaks(cfg, struct)
     if cfg.form == "voltage":
-        return (1 - cfg.alpha) * w_bar @ np.diag(dphi(s_prev_next))
-    return (1 - cfg.alpha) * np.diag(dphi(u_next)) @ w_bar
+        return one_minus @ w_bar @ np.diag(dphi(s_prev_next))
+    return one_minus @ np.diag(dphi(u_next)) @ w_bar
 
 
 def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None = None, feedback=None,
@@ -82,15 +88,15 @@ def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None =
                         m = J[step] @ m
                     g += c[t] @ m
         elif rule in ("eprop", "mdgl"):
-            elig = [pc["ds0"]]  # leak-only eligibility, e_t = α e_{t-1} + I_t
+            elig = [pc["ds0"]]  # leak-only eligibility, e_t = diag(α) e_{t-1} + I_t
             for t in range(1, n_steps + 1):
-                elig.append(cfg.alpha * elig[-1] + pc["I"][t - 1])
+                elig.append(_leaks(cfg, struct) @ elig[-1] + pc["I"][t - 1])
             for t in range(1, n_steps + 1):
                 g += c[t] @ elig[t]
                 if rule == "mdgl" and t < n_steps:
                     x_next = batch.x[b][t]
                     u_next = _u(cfg, params, struct, pc["s"][t - 1], x_next, None if xb is None else xb[t])
-                    hop = _recurrent_hop(cfg, pc["s"][t - 1], pc["s"][t], u_next, np.asarray(w_bar))
+                    hop = _recurrent_hop(cfg, struct, pc["s"][t - 1], pc["s"][t], u_next, np.asarray(w_bar))
                     g += c[t + 1] @ hop @ elig[t]
         else:
             raise ValueError(f"no reference for {rule!r}")

@@ -17,7 +17,7 @@ from jax.flatten_util import ravel_pytree
 from creditscape import model as _model
 from creditscape.curvature import block_loss, existing_weights, hutch_plus_plus, hvp
 from creditscape.model import ModelConfig, Params, Structure
-from creditscape.objective import Batch, loss_from_outputs
+from creditscape.objective import Batch, exact_loss, loss_from_outputs
 
 
 class Flatness(NamedTuple):
@@ -83,6 +83,77 @@ def fisher_rao_norm(per_example_loss: Callable[[jax.Array], jax.Array], theta: j
     return jnp.sqrt(jnp.mean(along_theta**2))
 
 
+def normalized_sharpness(w: jax.Array, h_diag: jax.Array, iterations: int = 100) -> jax.Array:
+    r"""Normalized sharpness of one weight matrix W (m × n) (Tsuzuku, Sato & Sugiyama, ICML 2020):
+
+    .. math:: \min_{\sigma \in \mathbb R^m_{>0},\ \sigma' \in \mathbb R^n_{>0}}
+              \sum_{ij} \Big[ h_{ij}\, (\sigma_i \sigma'_j)^2 + \frac{w_{ij}^2}{(\sigma_i \sigma'_j)^2} \Big],
+
+    with h_ij = ∂²L/∂w_ij² the Hessian's diagonal (``h_diag``, negative entries counted as 0). It
+    is the second-order PAC-Bayes trade-off between the loss increase under a Gaussian weight
+    perturbation of standard deviation σ_i σ'_j and its KL term, minimized over row and column
+    scales, and so unchanged when a row (or column) of W is scaled by λ and the loss
+    reparameterized to match (h by 1/λ²).
+
+    Solved by block coordinate descent, exact in each block: for fixed a = σ'², the best
+    σ_i² = √(Q_i / P_i) with P_i = Σ_j h_ij a_j, Q_i = Σ_j w_ij² / a_j, where the objective is
+    2 Σ_i √(P_i Q_i); then the same for σ' given σ. The objective is convex in (log σ, log σ'),
+    so the ``iterations`` alternations converge to the minimum, returned as 2 Σ_i √(P_i Q_i)."""
+    # A floor of one rounding unit of the largest curvature (and weight) keeps every scale finite
+    # where a row or column has none; it moves the value by a relative ~1e-16 (float64).
+    h = jnp.maximum(h_diag, 0.0)
+    h = h + jnp.finfo(w.dtype).eps * jnp.max(h)
+    w2 = w**2 + jnp.finfo(w.dtype).eps * jnp.max(w**2)
+
+    def best(h_, w2_, other):  # the optimal squared scales of the rows of (h_, w2_) given the columns'
+        return jnp.sqrt((w2_ @ (1 / other)) / (h_ @ other))
+
+    def alternate(_, col):
+        return best(h.T, w2.T, best(h, w2, col))
+
+    col = jax.lax.fori_loop(0, iterations, alternate, jnp.ones(w.shape[1], w.dtype))
+    return 2 * jnp.sum(jnp.sqrt((h @ col) * (w2 @ (1 / col))))
+
+
+def hessian_diagonal(f: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int = 64) -> jax.Array:
+    """The exact diagonal of ∇²f at ``x``: one Hessian-vector product per coordinate, ``chunk``
+    at a time (small blocks only: it costs dim(x) products)."""
+    rows = jax.lax.map(lambda e: hvp(f, x, e), jnp.eye(x.shape[0], dtype=x.dtype), batch_size=chunk)
+    return jnp.diagonal(rows)
+
+
+def log_path_norm(cfg: ModelConfig, params: Params, struct: Structure, n_steps: int) -> jax.Array:
+    r"""log of the ℓ2 path norm (Neyshabur et al. 2015; Jiang et al. 2020's "path.norm") of the
+    network unrolled over ``n_steps`` steps:
+
+    .. math:: \tfrac12 \log \sum_{\text{paths } p} \prod_{c \in p} c^2,
+
+    the sum over every path from an input, a bias or the initial state to a scored output,
+    through units and steps, of the product of its squared coefficients (weights, biases, and the
+    leak's α and 1−α). With a ReLU network and α = 0 this is Jiang et al.'s formula: run the
+    network with every parameter squared on an all-ones input and sum the outputs. Here the
+    activation counts as the identity (a path's coefficient), so the measure is defined for every
+    activation. The sum grows geometrically with the steps, so it is carried as a normalized
+    vector and its log scale."""
+    p = existing_weights(params, struct)
+    a2, c2 = cfg.alpha**2, (1 - cfg.alpha) ** 2
+    w_rec2, w_out2 = p.w_rec**2, p.w_out**2
+    drive = c2 * jnp.sum(p.w_in**2, axis=1) + (0.0 if p.b is None else c2 * p.b**2)  # all-ones input
+    v0 = jnp.zeros(cfg.n_rec, p.w_rec.dtype) if p.s0 is None else p.s0**2
+    first_read = _model.steps_without_readout(cfg, n_steps)
+
+    def step(carry, t):
+        v_hat, log_scale = carry  # the path sums into each unit at step t-1: exp(log_scale) · v_hat
+        new = a2 * v_hat + c2 * (w_rec2 @ v_hat) + jnp.exp(-log_scale) * drive
+        top = jnp.maximum(jnp.max(new), jnp.finfo(new.dtype).tiny)
+        read = jnp.log(jnp.sum(w_out2 @ (new / top))) + jnp.log(top) + log_scale
+        read = jnp.logaddexp(read, jnp.log(jnp.sum(p.b_out**2)))  # paths from b_out itself
+        return (new / top, log_scale + jnp.log(top)), jnp.where(t >= first_read, read, -jnp.inf)
+
+    _, reads = jax.lax.scan(step, (v0, jnp.zeros((), v0.dtype)), jnp.arange(n_steps))
+    return 0.5 * jax.scipy.special.logsumexp(reads)
+
+
 def spectral_norm_product(*matrices: jax.Array) -> jax.Array:
     """∏_k ‖W_k‖₂, the product of the largest singular values (the spectral complexity's core)."""
     return jnp.prod(jnp.stack([jnp.linalg.norm(w, 2) for w in matrices]))
@@ -94,17 +165,19 @@ def distance_from_initialization(theta: jax.Array, theta_init: jax.Array) -> jax
 
 
 MEASURES = ("pac_bayes_sigma", "pac_bayes_sigma_stderr_increase", "pac_bayes_sigma_capped", "pac_bayes_sigma_magnitude",
-            "pac_bayes_sigma_magnitude_capped", "relative_flatness", "relative_flatness_stderr", "fisher_rao_norm",
-            "spectral_norm_product", "distance_from_init")  # what :func:`network_measures` returns
+            "pac_bayes_sigma_magnitude_capped", "relative_flatness", "relative_flatness_stderr", "normalized_sharpness",
+            "fisher_rao_norm", "log_path_norm", "spectral_norm_product", "distance_from_init")  # what :func:`network_measures` returns
 
 
 def network_measures(cfg: ModelConfig, params: Params, struct: Structure, batch: Batch, params_init: Params,
                      key: jax.Array, *, bound: float, draws: int, probes: int) -> dict[str, jax.Array]:
     """Every measure above for one trained network on ``batch`` (vmap it over an ensemble):
     PAC-Bayes σ of all parameters, isotropic and magnitude-aware (loss-increase ``bound``,
-    ``draws`` Monte Carlo draws); relative flatness of W_rec; the Fisher–Rao norm over the batch's
-    sequences; ∏‖W‖₂ of W_in, W_rec and W_out; ‖θ − θ₀‖ from the network's initialization
-    ``params_init``. Absent recurrent connections count as zeros everywhere (the model's own)."""
+    ``draws`` Monte Carlo draws); relative flatness of W_rec; the normalized sharpness summed over
+    W_in, W_rec and W_out (exact Hessian diagonals: one Hessian-vector product per weight); the
+    Fisher–Rao norm over the batch's sequences; the log path norm over the batch's length;
+    ∏‖W‖₂ of W_in, W_rec and W_out; ‖θ − θ₀‖ from the network's initialization ``params_init``.
+    Absent recurrent connections count as zeros everywhere (the model's own)."""
     k_iso, k_mag, k_rel = jax.random.split(key, 3)
     f_all, theta = block_loss(cfg, params, struct, batch, "all")
     isotropic = pac_bayes_flatness(f_all, theta, k_iso, bound=bound, draws=draws)
@@ -118,12 +191,20 @@ def network_measures(cfg: ModelConfig, params: Params, struct: Structure, batch:
         return jax.vmap(lambda yb, b: loss_from_outputs(cfg, yb[None], jax.tree.map(lambda a: a[None], b)))(y, batch)
 
     trained, initial = existing_weights(params, struct), existing_weights(params_init, struct)
+
+    def sharpness_of(name):
+        w = getattr(trained, name)
+        f = lambda v: exact_loss(cfg, trained._replace(**{name: v.reshape(w.shape)}), struct, batch)
+        return normalized_sharpness(w, hessian_diagonal(f, w.ravel()).reshape(w.shape))
+
     return {
         "pac_bayes_sigma": isotropic.sigma, "pac_bayes_sigma_stderr_increase": isotropic.stderr,
         "pac_bayes_sigma_capped": isotropic.capped,
         "pac_bayes_sigma_magnitude": magnitude.sigma, "pac_bayes_sigma_magnitude_capped": magnitude.capped,
         "relative_flatness": kappa, "relative_flatness_stderr": kappa_stderr,
+        "normalized_sharpness": sum(sharpness_of(name) for name in ("w_in", "w_rec", "w_out")),
         "fisher_rao_norm": fisher_rao_norm(per_sequence_losses, flat),
+        "log_path_norm": log_path_norm(cfg, params, struct, batch.x.shape[1]),
         "spectral_norm_product": spectral_norm_product(trained.w_in, trained.w_rec, trained.w_out),
         "distance_from_init": distance_from_initialization(ravel_pytree(trained)[0], ravel_pytree(initial)[0]),
     }

@@ -18,6 +18,12 @@ y_t = W_out r_t + b_out (at every step, or at the last ``readout_steps`` steps o
 optional recurrent noise (σ_rec · standard normal); input noise is
 added to x_t before the step. The initial state s_0 is zero, or the learned vector ``s0``.
 
+**Heterogeneous time constants.** With ``leak_spread`` σ > 0 every unit i has its own leak α_i
+(drawn once from the seed, a non-trained part of the structure) in place of α, multiplying its
+own state: v_{t,i} = α_i v_{t-1,i} + (1-α_i) u_{t,i} (likewise r_t in the rate form). The time
+constants are log-normal around τ: τ_i = τ·exp(σ z_i), z_i ~ N(0, 1), so α_i = α^{exp(−σ z_i)}
+(the median unit keeps α).
+
 **Axis order.** Every public array is batch-major: inputs ``(B, T, n_in)``, activities
 ``(B, T, N)``, outputs ``(B, T, n_out)``. The time loop is a ``lax.scan`` over a time-major view.
 
@@ -70,6 +76,8 @@ class ModelConfig:
         learn_init_state: learn the initial state s0 (else s0 = 0, not a parameter).
         init: ``"paper"`` (W_in, W_rec He-normal; W_out Glorot-uniform; biases 0) or
             ``"identity"`` (as ``"paper"`` but W_rec = I masked, Le et al. 2015).
+        leak_spread: σ of the log-normal spread of per-unit time constants (module docstring); 0:
+            every unit has the leak α.
         readout_steps: the network has a readout at its last K steps only (None: at every step),
             as the paper's sequential-MNIST network, read out once at the end. Earlier steps are
             never scored, whatever a batch's mask says there; an experiment takes K from the task.
@@ -91,6 +99,7 @@ class ModelConfig:
     rec_noise: float = 0.0
     learn_init_state: bool = False
     init: str = "paper"
+    leak_spread: float = 0.0
     readout_steps: int | None = None
 
     def __post_init__(self):
@@ -116,6 +125,10 @@ class ModelConfig:
             bad("cell_types", self.cell_types, f"an integer in [1, n_rec={self.n_rec}]")
         if not (0 <= self.input_noise < math.inf and 0 <= self.rec_noise < math.inf):
             bad("input_noise/rec_noise", (self.input_noise, self.rec_noise), "non-negative values")
+        if not 0 <= self.leak_spread < math.inf:
+            bad("leak_spread", self.leak_spread, "a non-negative spread of log time constants")
+        if self.leak_spread and self.alpha == 0:
+            bad("leak_spread", self.leak_spread, "0 when alpha = 0 (without a leak every unit's α is 0); set alpha > 0")
         if self.init not in INITS:
             bad("init", self.init, f"one of {INITS}")
         if self.readout_steps is not None and (not isinstance(self.readout_steps, int) or self.readout_steps < 1):
@@ -154,6 +167,7 @@ class Structure(NamedTuple):
     rec_mask: jax.Array  # (N, N) 1.0 where a connection exists
     sign: jax.Array  # (N,) presynaptic sign: +1 excitatory, -1 inhibitory (all +1 without Dale)
     cell_type: jax.Array  # (N,) integer cell type in [0, n_types)
+    leak: jax.Array | None = None  # (N,) per-unit α_i with ``leak_spread`` > 0; None: every unit has α
 
 
 def cell_type_count(cfg: ModelConfig) -> int:
@@ -164,7 +178,7 @@ def cell_type_count(cfg: ModelConfig) -> int:
 
 
 def init_structure(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Structure:
-    """Draw the connectivity mask and fix signs and cell types."""
+    """Draw the connectivity mask (and the per-unit leaks), fix signs and cell types."""
     n = cfg.n_rec
     mask = jnp.ones((n, n), dtype)
     if cfg.connectivity < 1.0:
@@ -177,7 +191,17 @@ def init_structure(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Struc
         cell_type = (idx >= cfg.n_exc).astype(jnp.int32)
     else:
         cell_type = (idx * cfg.cell_types // n).astype(jnp.int32)
-    return Structure(mask, sign, cell_type)
+    leaks = None
+    if cfg.leak_spread:  # (a key of its own: the mask draws stay those of a homogeneous network)
+        z = jax.random.normal(jax.random.fold_in(key, 1), (n,), dtype)
+        leaks = jnp.asarray(cfg.alpha, dtype) ** jnp.exp(-cfg.leak_spread * z)
+    return Structure(mask, sign, cell_type, leaks)
+
+
+def leak(cfg: ModelConfig, struct: Structure) -> float | jax.Array:
+    """Every unit's α: the scalar ``cfg.alpha``, or the per-unit (N,) leaks of heterogeneous time
+    constants. Either broadcasts over a batch's (B, N) states."""
+    return cfg.alpha if struct.leak is None else struct.leak
 
 
 def init_params(cfg: ModelConfig, struct: Structure, key: jax.Array, dtype=jnp.float32) -> Params:
@@ -263,7 +287,7 @@ def step(
     the recurrent path from the gradient graph (e-prop's graph).
     """
     w_eff = params.w_rec * struct.rec_mask
-    return _recur(cfg, params, w_eff, s_prev, activity(cfg, s_prev), x_t, xi_t, recurrent_input)
+    return _recur(cfg, params, w_eff, leak(cfg, struct), s_prev, activity(cfg, s_prev), x_t, xi_t, recurrent_input)
 
 
 def input_drive(params: Params, x: jax.Array) -> jax.Array:
@@ -272,16 +296,16 @@ def input_drive(params: Params, x: jax.Array) -> jax.Array:
     return d if params.b is None else d + params.b
 
 
-def _recur(cfg, params, w_eff, s_prev, r_prev, x_t, xi_t, recurrent_input):
-    """One step given the masked W_rec and r_{t-1} = activity(s_{t-1}) (shared by :func:`step` and
-    :func:`run`)."""
+def _recur(cfg, params, w_eff, alpha, s_prev, r_prev, x_t, xi_t, recurrent_input):
+    """One step given the masked W_rec, the leak(s) α and r_{t-1} = activity(s_{t-1}) (shared by
+    :func:`step` and :func:`run`)."""
     u = recurrent_input(r_prev) @ w_eff.T + input_drive(params, x_t)
     if xi_t is not None:
         u = u + xi_t
     new = u if cfg.form == "voltage" else cfg.phi(u)
     # Without a leak the state is the new value: skip 0·s_prev + 1·new, which XLA cannot drop
     # (0·inf is NaN) and which would cost two element-wise passes per step and their backward.
-    s = new if cfg.alpha == 0 else cfg.alpha * s_prev + (1 - cfg.alpha) * new
+    s = new if cfg.alpha == 0 else alpha * s_prev + (1 - alpha) * new
     r = cfg.phi(s) if cfg.form == "voltage" else s
     return s, r, u
 
@@ -335,11 +359,12 @@ def _scan(cfg, params, struct, x, xi, recurrent_input, emit, silent=0):
     # product per step (its backward pass stores and multiplies T × B × N gradients). The loop
     # carries r_t beside s_t so that φ(s_t) is computed once per step, not again by the next step.
     w_eff = params.w_rec * struct.rec_mask
+    alpha = leak(cfg, struct)
     xs = jnp.swapaxes(x, 0, 1)
     xis = None if xi is None else jnp.swapaxes(xi, 0, 1)
 
     def body(carry, inp):
-        s, r, u = _recur(cfg, params, w_eff, *carry, *inp, recurrent_input)
+        s, r, u = _recur(cfg, params, w_eff, alpha, *carry, *inp, recurrent_input)
         return (s, r), emit(s, r, u)
 
     carry = (s_init, activity(cfg, s_init))

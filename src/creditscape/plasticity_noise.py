@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from creditscape.model import Params
 
 WEIGHTS = ("w_in", "w_rec", "w_out")  # synapses; biases and the initial state are not
+WEIGHT_NOISE_DRAWS = ("iteration", "trial")
 UPDATE_NOISE_SCALES = ("relative", "absolute")
 
 
@@ -24,9 +25,10 @@ def perturb_weights(params: Params, level: float, key: jax.Array) -> Params:
 
     .. math:: \tilde W = W + \sigma \xi, \quad \xi_{ij} \sim \mathcal N(0, 1),
 
-    one draw per iteration: every trial of a minibatch sees the same perturbed synapses, the rule
-    forms its gradient there, and the update is applied to the unperturbed weights. (Absent
-    connections and Dale's signs are restored by the caller's projection.)"""
+    one draw per call: training draws once per iteration (every trial of a minibatch sees the same
+    perturbed synapses) or once per trial (``train.weight_noise_draw``); the rule forms its
+    gradient there, and the update is applied to the unperturbed weights. (Absent connections and
+    Dale's signs are restored by the caller's projection.)"""
     keys = dict(zip(WEIGHTS, jax.random.split(key, len(WEIGHTS))))
     return params._replace(**{name: getattr(params, name) + level * jax.random.normal(
         keys[name], getattr(params, name).shape, getattr(params, name).dtype) for name in WEIGHTS})

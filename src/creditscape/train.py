@@ -41,7 +41,7 @@ from creditscape.curvature import _select, block_loss, hvp, lanczos, lanczos_tri
 from creditscape.errors import DamagedFile
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, check_scored_steps, draw_noise, evaluate, l2_gradient, l2_penalty
-from creditscape.plasticity_noise import UPDATE_NOISE_SCALES, perturb_updates, perturb_weights
+from creditscape.plasticity_noise import UPDATE_NOISE_SCALES, WEIGHT_NOISE_DRAWS, perturb_updates, perturb_weights
 from creditscape.rules import Rule, gradient_alignment
 from creditscape.theory import estimate_on_block, jacobian_vector_product
 
@@ -69,8 +69,11 @@ class TrainConfig:
         target_smoothing: β of the moving average m ← β m + (1 − β) ℓ of minibatch losses that is
             compared with ``target_loss`` (0: the minibatch loss itself).
         weight_noise: synaptic noise, the standard deviation of Gaussian noise on every synapse
-            (W_in, W_rec, W_out) while the gradient is formed, one draw per iteration
+            (W_in, W_rec, W_out) while the gradient is formed
             (:func:`creditscape.plasticity_noise.perturb_weights`); 0: none.
+        weight_noise_draw: ``"iteration"`` (one draw of the noisy synapses per iteration, seen by
+            every trial of the minibatch) or ``"trial"`` (each trial its own draw: the rule's
+            estimate is the mean of the trials' estimates, each at its own synapses).
         update_noise: noisy plasticity, Gaussian noise added to every update after the learning
             rate (:func:`creditscape.plasticity_noise.perturb_updates`); 0: none.
         update_noise_scale: ``"relative"`` (noise norm ≈ ``update_noise`` × the update's norm, per
@@ -91,6 +94,7 @@ class TrainConfig:
     target_loss: float | None = None
     target_smoothing: float = 0.9
     weight_noise: float = 0.0
+    weight_noise_draw: str = "iteration"
     update_noise: float = 0.0
     update_noise_scale: str = "relative"
 
@@ -102,6 +106,9 @@ class TrainConfig:
         for name in ("learning_rate", "steps", "batch_size", "eval_every", "boost_factor"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"train.{name}: must be a finite number > 0, got {getattr(self, name)!r}.")
+        if self.weight_noise_draw not in WEIGHT_NOISE_DRAWS:
+            raise ValueError(f"train.weight_noise_draw: expected one of {WEIGHT_NOISE_DRAWS}, "
+                             f"got {self.weight_noise_draw!r}.")
         if self.update_noise_scale not in UPDATE_NOISE_SCALES:
             raise ValueError(f"train.update_noise_scale: expected one of {UPDATE_NOISE_SCALES}, "
                              f"got {self.update_noise_scale!r}.")
@@ -205,10 +212,23 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
         idx = jax.random.randint(k_batch, (tcfg.batch_size,), 0, train_set.x.shape[0], dtype=jnp.int32)
         batch = jax.tree.map(lambda a: a[idx], train_set)
         noise = draw_noise(cfg, batch, k_noise)
-        at = state.params  # where the rule forms its gradient: the synapses, noisy or not
-        if tcfg.weight_noise:  # (keys folded from the noise key: without these options, the same stream)
-            at = _model.project(cfg, perturb_weights(at, tcfg.weight_noise, jax.random.fold_in(k_noise, 1)), struct)
-        loss, grads = rule.gradient(cfg, at, struct, rule_state, batch, noise, form=form)
+        # The rule forms its gradient at the synapses, noisy or not (keys folded from the noise
+        # key: without these options, the random stream is the same).
+        def noisy_synapses(key):
+            return _model.project(cfg, perturb_weights(state.params, tcfg.weight_noise, key), struct)
+
+        if not tcfg.weight_noise:
+            loss, grads = rule.gradient(cfg, state.params, struct, rule_state, batch, noise, form=form)
+        elif tcfg.weight_noise_draw == "iteration":
+            at = noisy_synapses(jax.random.fold_in(k_noise, 1))
+            loss, grads = rule.gradient(cfg, at, struct, rule_state, batch, noise, form=form)
+        else:  # a trial's loss weights are 1/B of its own as a batch of one: the mean is the batch's
+            def one_trial(key, trial, trial_noise):
+                one = lambda tree: jax.tree.map(lambda a: a[None], tree)
+                return rule.gradient(cfg, noisy_synapses(key), struct, rule_state, one(trial), one(trial_noise), form=form)
+
+            keys = jax.random.split(jax.random.fold_in(k_noise, 1), tcfg.batch_size)
+            loss, grads = jax.tree.map(lambda a: jnp.mean(a, axis=0), jax.vmap(one_trial)(keys, batch, noise))
         beta = tcfg.target_smoothing
         smoothed = jnp.where(jnp.isnan(state.smoothed_loss), loss, beta * state.smoothed_loss + (1 - beta) * loss)
         if tcfg.l2:

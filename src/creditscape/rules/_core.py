@@ -6,11 +6,15 @@ same shape (n_out × N). The eligibility-trace family (e-prop, random e-prop / R
 only the leak path D_t = αI of the state Jacobian, so the eligibility of a recurrent-layer weight
 with presynaptic input p_j ∈ {r_{t-1,j}, x_{t,j}, 1} is
 
-    voltage: e_{t,ij} = φ'(v_{t,i}) ε_{t,j},      ε_{t,j} = α ε_{t-1,j} + (1-α) p_{t,j}
-    rate:    e_{t,ij} = M_{t,ij},                 M_{t,ij} = α M_{t-1,ij} + (1-α) φ'(u_{t,i}) p_{t,j}
+    voltage: e_{t,ij} = φ'(v_{t,i}) ε_{t,ij},     ε_{t,ij} = α_i ε_{t-1,ij} + (1-α_i) p_{t,j}
+    rate:    e_{t,ij} = M_{t,ij},                 M_{t,ij} = α_i M_{t-1,ij} + (1-α_i) φ'(u_{t,i}) p_{t,j}
+
+with α_i the leak of postsynaptic unit i (α for every unit, unless time constants are
+heterogeneous). With one α the voltage trace ε_{t,ij} = ε_{t,j} does not depend on i: a vector
+per sequence, O(n_pre) memory instead of O(N·n_pre).
 
 and ĝ_ij = Σ_t L̃_{t,i} e_{t,ij} with L̃_t = L_t (e-prop) or L̃_t = L_t + R̄_{t+1}ᵀ L_{t+1} (MDGL).
-A learned initial state s0 has the leak-only eligibility α^t.
+A learned initial state s0 has the leak-only eligibility α_i^t.
 
 """
 
@@ -41,13 +45,14 @@ def output_error(cfg: ModelConfig, params: Params, r: jax.Array, batch: Batch):
     return loss, jnp.pad(e, ((0, 0), (silent, 0), (0, 0))), g_w_out, g_b_out
 
 
-def mdgl_hop(cfg: ModelConfig, signal_next: jax.Array, slope_next: jax.Array, w_bar: jax.Array):
-    """MDGL's one hop R̄_{t+1}ᵀ L_{t+1} = (1-α) W̄ᵀ (φ'_{t+1} ⊙ L_{t+1}) (row-vector form).
+def mdgl_hop(alpha, signal_next: jax.Array, slope_next: jax.Array, w_bar: jax.Array):
+    """MDGL's one hop R̄_{t+1}ᵀ L_{t+1} = W̄ᵀ ((1-α) ⊙ φ'_{t+1} ⊙ L_{t+1}) (row-vector form), α the
+    leak of each postsynaptic unit (:func:`creditscape.model.leak`).
 
     ``slope_next`` is φ'(v_{t+1}) (voltage) or φ'(u_{t+1}) (rate); both forms' one-step
     activity-to-activity Jacobians give this expression.
     """
-    return (1 - cfg.alpha) * (slope_next * signal_next) @ w_bar
+    return ((1 - alpha) * slope_next * signal_next) @ w_bar
 
 
 def trace_rule_offline(
@@ -89,7 +94,7 @@ def trace_rule_offline(
         slope = phi_prime(cfg, s if cfg.form == "voltage" else u)
         slope_next = jnp.concatenate([slope[:, 1:], jnp.zeros_like(slope[:, :1])], axis=1)
         signal_next = jnp.concatenate([signal[:, 1:], jnp.zeros_like(signal[:, :1])], axis=1)
-        signal = signal + mdgl_hop(cfg, signal_next, slope_next, w_bar)
+        signal = signal + mdgl_hop(_model.leak(cfg, struct), signal_next, slope_next, w_bar)
     _, pullback = jax.vjp(truncated_activities, params)
     (g,) = pullback(signal)
     return loss, g._replace(w_out=g_w_out, b_out=g_b_out)
@@ -114,18 +119,15 @@ def trace_rule_online(
     weights = jnp.swapaxes(loss_weights(cfg, batch.mask), 0, 1)  # (T, B)
     targets = jnp.swapaxes(batch.target, 0, 1)
     n_pre = n + cfg.n_in + 1  # presynaptic vector p_t = [r_{t-1}, x_t, 1]
-    if cfg.form == "voltage":
-        trace0 = jnp.zeros((bsz, n_pre), dtype)
-    else:
-        trace0 = jnp.zeros((bsz, n, n_pre), dtype)
+    a = _model.leak(cfg, struct)
+    a_post = jnp.reshape(a, (n, 1)) if struct.leak is not None else a  # α_i along a trace's rows
+    vector_trace = cfg.form == "voltage" and struct.leak is None  # ε_{t,ij} = ε_{t,j}
+    trace0 = jnp.zeros((bsz, n_pre) if vector_trace else (bsz, n, n_pre), dtype)
     s_init = _model.initial_state(cfg, params, bsz)
 
     def credit(trace, decay, delta):
         """This step's contribution to [g_rec | g_in | g_b] and to g_s0."""
-        if cfg.form == "voltage":
-            g_full = jnp.einsum("bi,bj->ij", delta, trace)
-        else:
-            g_full = jnp.einsum("bi,bij->ij", delta, trace)
+        g_full = jnp.einsum("bi,bj->ij" if vector_trace else "bi,bij->ij", delta, trace)
         return g_full, jnp.sum(delta * decay, axis=0)
 
     def body(carry, inp):
@@ -134,12 +136,13 @@ def trace_rule_online(
         s, r, u = _model.step(cfg, params, struct, s_prev, x_t, xi_t)
         p = jnp.concatenate([_model.activity(cfg, s_prev), x_t, jnp.ones((bsz, 1), dtype)], axis=1)
         slope = phi_prime(cfg, s if cfg.form == "voltage" else u)
-        a = cfg.alpha
-        if cfg.form == "voltage":
+        if vector_trace:
             trace = a * trace + (1 - a) * p
+        elif cfg.form == "voltage":
+            trace = a_post * trace + (1 - a_post) * p[:, None, :]
         else:
-            trace = a * trace + (1 - a) * slope[:, :, None] * p[:, None, :]
-        decay = a * decay  # leak-only eligibility of s0: α^t
+            trace = a_post * trace + (1 - a_post) * slope[:, :, None] * p[:, None, :]
+        decay = a * decay  # leak-only eligibility of s0: α_i^t
         y = _model.readout(params, r)
         step_loss = lambda y_: jnp.sum(w_t * step_losses(cfg, y_[:, None], target_t[:, None])[:, 0])
         loss_t, e_t = jax.value_and_grad(step_loss)(y)
@@ -147,7 +150,7 @@ def trace_rule_online(
         # Credit the previous step, now that its MDGL hop is known.
         prev_trace, prev_decay, prev_signal, prev_slope = prev
         if w_bar is not None:
-            prev_signal = prev_signal + mdgl_hop(cfg, signal, slope, w_bar)
+            prev_signal = prev_signal + mdgl_hop(a, signal, slope, w_bar)
         prev_delta = prev_signal * (prev_slope if cfg.form == "voltage" else 1.0)
         g_full, g_s0 = credit(prev_trace, prev_decay, prev_delta)
         loss, g_full_acc, g_s0_acc, g_out, g_bout = acc
@@ -161,7 +164,7 @@ def trace_rule_online(
         return (s, trace, decay, (trace, decay, signal, slope), acc), None
 
     zeros_bn = jnp.zeros((bsz, n), dtype)
-    prev0 = (trace0, jnp.zeros((), dtype), zeros_bn, zeros_bn)
+    prev0 = (trace0, jnp.zeros(jnp.shape(a), dtype), zeros_bn, zeros_bn)
     acc0 = (
         jnp.zeros((), dtype),
         jnp.zeros((n, n_pre), dtype),
@@ -171,7 +174,7 @@ def trace_rule_online(
     )
     xis = None if noise.xi is None else jnp.swapaxes(noise.xi, 0, 1)
     inputs = (jnp.swapaxes(noise.x, 0, 1), xis, weights, targets)
-    carry0 = (s_init, trace0, jnp.ones((), dtype), prev0, acc0)
+    carry0 = (s_init, trace0, jnp.ones(jnp.shape(a), dtype), prev0, acc0)
     (_, _, _, prev, acc), _ = jax.lax.scan(body, carry0, inputs)
     # Flush the last step (no step after it: L̃_T = L_T).
     prev_trace, prev_decay, prev_signal, prev_slope = prev
