@@ -2,6 +2,7 @@
 small experiment the fault tests run."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -93,3 +94,30 @@ lanczos_steps = 8
 trace_probes = 6
 slice_points = 5
 """
+
+
+# A preset's settings shortened for the suite: 2 seeds of a small network, 40 iterations, a
+# training target every run reaches at once, and the first value of the first key of a [grid] or
+# [sweep] (with the base cell, two cells); the task and the measurements are the preset's.
+_SHORT = {"seeds": "2", "n_train": "64", "n_test": "64", "n_rec": "8", "steps": "40", "eval_every": "20",
+          "curvature_batch": "32", "lanczos_steps": "8", "batch_size": "16", "target_loss": "0.9", "pac_bayes_draws": "4"}
+
+
+def shortened_preset(name: str, rules: str | None = None) -> str:
+    """The preset ``name`` shortened (above); ``rules``: a TOML list that replaces its rules."""
+    from creditscape.config import PRESET_DIR
+
+    out, table, kept = [], None, 0
+    for line in (PRESET_DIR / f"{name}.toml").read_text().splitlines():
+        if line.startswith("["):
+            table, kept = line, 0
+        m = re.match(r'^("?[\w.]+"?) = (.*)$', line)
+        if m and table in ("[sweep]", "[grid]"):
+            kept += 1
+            line = f"{m.group(1)} = [{m.group(2).strip('[]').split(',')[0]}]" if kept == 1 else ""
+        elif m and m.group(1) in _SHORT:
+            line = f"{m.group(1)} = {_SHORT[m.group(1)]}"
+        elif m and m.group(1) == "rules" and rules is not None:
+            line = f"rules = {rules}"
+        out.append(line)
+    return "\n".join(out) + "\n"

@@ -2,10 +2,12 @@
 
 import json
 import sys
+import tomllib
 
 import numpy as np
 import pandas as pd
 import pytest
+from cases import shortened_preset
 from conftest import MNIST_DIR, REQUIRE_MNIST
 
 from creditscape._files import exclusive, load_arrays
@@ -178,6 +180,12 @@ def _check_whole_set_eigenvalue(exp, out, table):
         (('name = "tiny"', 'name = "../../elsewhere"'), "name: expected a plain name"),
         (("curvature_batch = 16", "curvature_batch = 33"), "curvature_batch = 33 is larger than the training set"),
         (("batch_size = 8", "batch_size = 64"), "batch_size = 64 is larger than the training set"),
+        # A [sweep] varies one setting at a time from the base: nothing twice, nothing the base has.
+        (("[measure]", '[sweep]\n"model.n_rec" = [8, 16]\n[measure]'), "8 is the base value \\(\\[model\\] n_rec = 8\\)"),
+        (("[measure]", '[sweep]\n"model.rec_noise" = [0.0, 0.1]\n[measure]'), "0.0 is the base value"),
+        (("[measure]", '[sweep]\n"train.learning_rate" = [0.1]\n[measure]'), "vary it in rules' own train tables or \\[grid\\]"),
+        (("[measure]", '[sweep]\n"model.alpha" = 0.5\n[measure]'), "expected a non-empty list of distinct values"),
+        (("[measure]", '[sweep]\n"model.tau" = [5]\n[measure]'), "Unknown key 'tau' in \\[model\\] \\(grid point model.tau=5\\)"),
     ],
 )
 def test_config_errors(tmp_path, edit, message):
@@ -185,6 +193,19 @@ def test_config_errors(tmp_path, edit, message):
     cfg.write_text(TINY.replace(*edit))
     with pytest.raises(ConfigError, match=message):
         load(cfg)
+
+
+def test_a_sweep_varies_one_setting_at_a_time_from_the_base(tmp_path):
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(TINY.replace("[measure]", '[grid]\n"model.alpha" = [0.0, 0.5]\n[sweep]\n"model.n_rec" = [4, 12]\n'
+                                              '"train.batch_size" = [4]\n[measure]'))
+    exp = load(cfg)
+    assert [c.values for c in exp.cells] == [
+        (("model.alpha", a),) + extra for a in (0.0, 0.5)
+        for extra in ((), (("model.n_rec", 4),), (("model.n_rec", 12),), (("train.batch_size", 4),))]
+    assert [(c.model.n_rec, c.train.batch_size) for c in exp.cells[:4]] == [(8, 8), (4, 8), (12, 8), (8, 4)]
+    with pytest.raises(ConfigError, match="also in \\[grid\\]"):
+        resolve({**tomllib.loads(cfg.read_text()), "sweep": {"model.alpha": [0.9]}})
 
 
 def test_missing_mnist_fails_before_work(tmp_path, isolated_home, capsys):
@@ -235,7 +256,7 @@ def test_quick_preset_resolves():
 
 
 @pytest.mark.parametrize("name", ["paper-neuro", "paper-neuro-matched", "remedies", "paper-smnist", "paper-smnist-rules",
-                                  "paper-smnist-leaky", "paper-smnist-matched", "measures"])
+                                  "paper-smnist-leaky", "paper-smnist-matched", "measures", "noise", "ingredients"])
 def test_every_preset_resolves(name, isolated_home, tmp_path):
     if "smnist" in name:
         with pytest.raises(ConfigError, match="MNIST files not found"):
@@ -323,3 +344,21 @@ def test_the_rule_listing_read_from_source_is_the_registry():
         cls = rule_class(entry.name)
         assert (entry.formula, entry.forms) == (cls.formula, cls.forms)
         assert entry.options == {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("name", ["noise", "ingredients"])
+def test_sweep_presets_run_end_to_end_in_a_shortened_form(name, tmp_path, capsys):
+    """The open questions' one-setting-at-a-time presets (docs/questions.md), shortened
+    (tests/cases.py; BPTT and e-prop): each runs, prints its summary and writes its report with
+    the comparisons of the varied cell with the base cell. (The `measures` preset runs shortened
+    in tests/test_experiment.py.)"""
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(shortened_preset(name, rules='["bptt", "eprop"]'))
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "condition" in printed and "report.html" in printed
+    report = (tmp_path / "out" / "report.md").read_text()
+    for section in ("### Each setting against its base cell, rule by rule", "### Does the setting narrow or widen"):
+        assert section in report
+    assert sum(ln.startswith("- ") and "with the base cell" in ln for ln in report.splitlines()) == 1
+    assert (tmp_path / "out" / "figures" / "sweep.png").is_file()

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cases import SLOW_EXPERIMENT
+from cases import shortened_preset
 from creditscape import model as M
 from creditscape.cli import main
 from creditscape.config import ConfigError, resolve
@@ -17,22 +17,23 @@ from creditscape.train import TrainConfig, train_ensemble
 
 
 def test_forced_divergence_is_recorded_and_reported(tmp_path, monkeypatch):
+    """The `measures` preset, shortened (tests/cases.py), with a learning rate that diverges."""
     cfg = tmp_path / "div.toml"
-    cfg.write_text(SLOW_EXPERIMENT.replace("steps = 400", "steps = 40").replace(
-        "[measure]", '[grid]\n"train.learning_rate" = [0.05, 1e20]\n[measure]\ngeneralization_measures = true\n'
-                     'pac_bayes_draws = 8'))
+    cfg.write_text(shortened_preset("measures", rules='["bptt", "eprop"]').replace(
+        '"model.n_rec" = [16]', '"model.n_rec" = [8]\n"train.learning_rate" = [0.003, 1e20]'))
     out = tmp_path / "out"
     monkeypatch.setenv("XLA_FLAGS", "")  # restored after the test; --deterministic appends to it
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet", "--deterministic"]) == 0
     assert "--xla_gpu_deterministic_ops=true" in json.loads((out / "environment.json").read_text())["xla_flags"]
     final = pd.read_parquet(out / "final.parquet")
-    assert len(final) == 8 and set(final.learning_rate) == {0.05, 1e20}
+    assert len(final) == 8 and set(final.learning_rate) == {0.003, 1e20}
     blown = final[(final.rule == "bptt") & (final.learning_rate == 1e20)]
     assert (blown.diverged_at >= 1).all()  # every seed, at the iteration where it happened
-    assert (final[final.learning_rate == 0.05].diverged_at == -1).all()
-    trained = final[final.learning_rate == 0.05]  # the generalization measures, asked for in [measure]
-    assert (trained[["pac_bayes_sigma", "pac_bayes_sigma_magnitude", "relative_flatness", "fisher_rao_norm",
-                     "spectral_norm_product", "distance_from_init"]] > 0).all().all()
+    assert (final[final.learning_rate == 0.003].diverged_at == -1).all()
+    trained = final[final.learning_rate == 0.003]  # the generalization measures the preset asks for
+    assert (trained[["pac_bayes_sigma", "pac_bayes_sigma_magnitude", "relative_flatness", "normalized_sharpness",
+                     "fisher_rao_norm", "spectral_norm_product", "distance_from_init"]] > 0).all().all()
+    assert trained.log_path_norm.notna().all()
     report = (out / "report.md").read_text()
     for row in blown.itertuples():
         assert f"{row.condition} seed {row.seed} at iteration {row.diverged_at}" in report

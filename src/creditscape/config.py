@@ -26,6 +26,15 @@ A config has top-level keys ``name``, ``seeds`` (a list, or a count n meaning 0.
 The grid's points other than the learning rate are **cells**; every rule runs in every cell, and
 within a cell all seeds × learning rates (the **members**) train in one vmapped program.
 
+A ``[sweep]`` varies one setting at a time from the base setup instead of crossing them::
+
+    [sweep]                  # the base cell, and one cell per value below (each differing from it in one key)
+    "model.rec_noise" = [0.05, 0.2]
+    "train.weight_noise" = [0.02]
+
+(crossed with the [grid], if there is one: every grid point gets its base and its variants). The
+report then compares each variant with its base cell, rule by rule.
+
 Every error names the offending key, what was expected, and how to fix it.
 """
 
@@ -145,7 +154,7 @@ class Experiment:
         return [(seed, lr) for lr in lrs for seed in self.seeds]
 
 
-_TOP = {"name", "seeds", "data_seed", "rules", "task", "model", "train", "measure", "grid"}
+_TOP = {"name", "seeds", "data_seed", "rules", "task", "model", "train", "measure", "grid", "sweep"}
 _GRID_SECTIONS = ("task", "model", "train")
 _TASK_KEYS = {"name", "n_train", "n_test", "noise_levels"}
 
@@ -224,22 +233,42 @@ def _rule_spec(entry, default_form: str | None, where: str) -> RuleSpec:
     return RuleSpec(rule, form, label, tuple(train.items()))
 
 
-def _grid(raw: dict) -> dict[str, list]:
-    grid = raw.get("grid", {})
+def _grid(raw: dict, table: str = "grid") -> dict[str, list]:
+    """The [grid] (or [sweep]) table, checked: dotted keys of the sections, lists of distinct values."""
+    grid = raw.get(table, {})
     if not isinstance(grid, dict):
-        raise ConfigError(f"[grid]: expected a table of `\"section.key\" = [values]`, got {grid!r}.")
+        raise ConfigError(f"[{table}]: expected a table of `\"section.key\" = [values]`, got {grid!r}.")
     for key, values in grid.items():
         section, _, field = key.partition(".")
         if section not in _GRID_SECTIONS or not field:
-            raise ConfigError(f"[grid] key {key!r}: expected \"task.<key>\", \"model.<key>\" or \"train.<key>\", "
-                              'e.g. "train.learning_rate" = [0.01, 0.02].')
+            raise ConfigError(f"[{table}] key {key!r}: expected \"task.<key>\", \"model.<key>\" or \"train.<key>\", "
+                              'e.g. "model.n_rec" = [16, 32].')
         if field in ("n_train", "n_test", "noise_levels"):
-            raise ConfigError(f"[grid] key {key!r}: data sizes and noise levels cannot vary; set them in [task].")
+            raise ConfigError(f"[{table}] key {key!r}: data sizes and noise levels cannot vary; set them in [task].")
         if key == "train.form":
-            raise ConfigError('[grid] key "train.form": forms belong to rules, e.g. rules = [{name = "eprop", form = "online"}].')
+            raise ConfigError(f'[{table}] key "train.form": forms belong to rules, e.g. rules = [{{name = "eprop", form = "online"}}].')
         if not isinstance(values, list) or not values or len(set(map(repr, values))) != len(values):
-            raise ConfigError(f"[grid].{key!r}: expected a non-empty list of distinct values, got {values!r}.")
+            raise ConfigError(f"[{table}].{key!r}: expected a non-empty list of distinct values, got {values!r}.")
     return grid
+
+
+def _sweep(raw: dict, grid: dict) -> list[dict]:
+    """The variants of a [sweep]: the base (no change), then one {key: value} per value."""
+    sweep = _grid(raw, "sweep")
+    for key, values in sweep.items():
+        if key == "task.name" or key == "train.learning_rate":
+            where = "rules' own train tables or [grid]" if key == "train.learning_rate" else "[grid]"
+            raise ConfigError(f"[sweep] key {key!r}: it cannot be swept from a base; vary it in {where}.")
+        if key in grid:
+            raise ConfigError(f"[sweep] key {key!r} is also in [grid]: vary it in one of them.")
+        section, _, field = key.partition(".")
+        defaults = {f.name: f.default for f in dataclasses.fields({"model": ModelConfig, "train": TrainConfig}[section])} \
+            if section != "task" else {}
+        base = dict(raw.get(section, {})).get(field, defaults.get(field))
+        if base is not None and base in values:
+            raise ConfigError(f"[sweep].{key!r}: {base!r} is the base value ([{section}] {field} = {base!r}); "
+                              "the base cell runs anyway, list only the other values.")
+    return [{}] + [{key: value} for key, values in sweep.items() for value in values]
 
 
 def _cell(index: int, values: dict, raw: dict, mnist_dir: str | None, learning_rates) -> Cell:
@@ -292,6 +321,7 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
     if "task" in raw and "name" not in raw["task"] and "task.name" not in raw.get("grid", {}):
         raise ConfigError("[task] needs a `name` (see `creditscape tasks`).")
     grid = _grid(raw)
+    variants = _sweep(raw, grid)
     learning_rates = grid.get("train.learning_rate")
     axes = {k: v for k, v in grid.items() if k != "train.learning_rate"}
     if mnist_dir is not None:
@@ -302,10 +332,9 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
             raise ConfigError(str(err)) from None
         if not any(reads):
             raise ConfigError("--mnist-dir was given but no task of this experiment reads MNIST files.")
-    cells = tuple(
-        _cell(i, dict(zip(axes, point)), raw, mnist_dir, learning_rates)
-        for i, point in enumerate(itertools.product(*axes.values()))
-    )
+    points = [{**dict(zip(axes, point)), **variant}
+              for point in itertools.product(*axes.values()) for variant in variants]
+    cells = tuple(_cell(i, values, raw, mnist_dir, learning_rates) for i, values in enumerate(points))
     measure = _build(MeasureConfig, dict(raw.get("measure", {})), "[measure]")
     for cell in cells:  # sizes that name sequences which do not exist
         for key, size in (("[measure].curvature_batch", measure.curvature_batch),

@@ -261,12 +261,31 @@ def _cell_columns(exp: Experiment, cell: Cell) -> dict:
     return cols
 
 
-def _condition(exp: Experiment, cell: Cell, spec: RuleSpec, lr: float) -> str:
-    """What a row is compared by within a task: the rule and the grid coordinates other than the task."""
-    parts = [f"{k.partition('.')[2]}={v}" for k, v in cell.values if k != "task.name"]
+def _point(exp: Experiment, values, lr: float) -> str:
+    """The name of a grid point: its coordinates other than the task (and its η when η varies)."""
+    parts = [f"{k.partition('.')[2]}={v}" for k, v in values if k != "task.name"]
     if "train.learning_rate" in exp.raw.get("grid", {}):
         parts.append(f"η={lr:g}")
-    return spec.label + (CONDITION_SEPARATOR + ", ".join(parts) if parts else "")
+    return ", ".join(parts)
+
+
+def _condition(exp: Experiment, cell: Cell, spec: RuleSpec, lr: float) -> str:
+    """What a row is compared by within a task: the rule and the grid coordinates other than the task."""
+    point = _point(exp, cell.values, lr)
+    return spec.label + (CONDITION_SEPARATOR + point if point else "")
+
+
+def _sweep_columns(exp: Experiment, cell: Cell, lr: float) -> dict:
+    """With a [sweep]: the setting a cell varies (``varied``, "" for a base cell), the point of
+    its base cell (``base_point``), which the report compares it with, and the cell's value of
+    every swept setting (the base's where it varies another)."""
+    swept = exp.raw.get("sweep", {})
+    if not swept:
+        return {}
+    varied = next((k for k, _ in cell.values if k in swept), "")
+    sections = {"task": cell.task, "model": cell.model, "train": cell.train}
+    levels = {k.partition(".")[2]: getattr(sections[k.partition(".")[0]], k.partition(".")[2]) for k in swept}
+    return {"varied": varied, "base_point": _point(exp, [(k, v) for k, v in cell.values if k != varied], lr), **levels}
 
 
 def _member_columns(exp: Experiment, cell: Cell, spec: RuleSpec, seed: int, lr: float) -> dict:
@@ -276,7 +295,7 @@ def _member_columns(exp: Experiment, cell: Cell, spec: RuleSpec, seed: int, lr: 
     the same estimate, :meth:`Rule.computation`)."""
     condition = _condition(exp, cell, spec, lr)
     return {**_cell_columns(exp, cell), "condition": condition, "rule": spec.label,
-            "point": condition.partition(CONDITION_SEPARATOR)[2],
+            "point": condition.partition(CONDITION_SEPARATOR)[2], **_sweep_columns(exp, cell, lr),
             "computation": repr(spec.rule.computation(cell.model)), "seed": seed, "learning_rate": lr}
 
 

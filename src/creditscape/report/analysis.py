@@ -176,10 +176,11 @@ def correlations(runs: pd.DataFrame) -> pd.DataFrame:
 # Ranked against the gaps when the final networks carry them (measure.generalization_measures);
 # the sign a measure's τ should have if it predicts as its literature says: sharper → larger gap.
 RANKED = {"lambda_max": +1, "trace": +1, "sharpness_random": +1, "pac_bayes_sigma": -1,
-          "pac_bayes_sigma_magnitude": -1, "relative_flatness": +1, "fisher_rao_norm": +1,
-          "spectral_norm_product": +1, "distance_from_init": +1}
+          "pac_bayes_sigma_magnitude": -1, "relative_flatness": +1, "normalized_sharpness": +1, "fisher_rao_norm": +1,
+          "log_path_norm": +1, "spectral_norm_product": +1, "distance_from_init": +1}
 LABELS.update({"sharpness_random": "random sharpness", "pac_bayes_sigma": "PAC-Bayes σ",
                "pac_bayes_sigma_magnitude": "PAC-Bayes σ (magnitude-aware)", "relative_flatness": "relative flatness",
+               "normalized_sharpness": "normalized sharpness", "log_path_norm": "log path norm",
                "fisher_rao_norm": "Fisher–Rao norm", "spectral_norm_product": "∏ spectral norms",
                "distance_from_init": "distance from initialization"})
 
@@ -204,6 +205,42 @@ def measure_ranking(runs: pd.DataFrame, hyperparameters: list[str]) -> pd.DataFr
                     rows.append({"task": runs.task.iloc[0], "measure": measure, "gap": gap, "scope": scope, "n": k.n,
                                  "tau": k.tau, "ci_low": k.ci[0], "ci_high": k.ci[1], "p": k.p, "psi": psi,
                                  "expected_sign": RANKED[measure]})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# One setting at a time ([sweep])
+
+SWEPT = ("lambda_max", "rho", "gap_loss", "perturbed_gap", "train_loss")  # what a setting may move
+
+
+def setting_effects(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each varied cell against its base cell ([sweep]), rule by rule, per metric of
+    :data:`SWEPT`: the difference of medians with its interval and permutation p (``kind`` =
+    "effect"); and for every rule but BPTT, whether the setting narrows or widens its difference
+    from BPTT (``kind`` = "interaction", :func:`stats.interaction`)."""
+    rows = []
+    if "varied" not in runs:
+        return pd.DataFrame(rows)
+    varied = runs[runs.varied != ""]
+    for (setting, point, base), g in varied.groupby(["varied", "point", "base_point"], sort=False):
+        level = g[setting.partition(".")[2]].iloc[0]
+        here = lambda rows_, rule: rows_[rows_.rule == rule]
+        base_runs = runs[(runs.point == base) & (runs.varied == "")]
+        for rule in dict.fromkeys(g.rule):
+            for metric in (m for m in SWEPT if m in runs and np.isfinite(runs[m].to_numpy(float)).any()):
+                a, b = here(g, rule)[metric], here(base_runs, rule)[metric]
+                c = stats.contrast(a, b)
+                common = {"task": runs.task.iloc[0], "setting": setting, "level": level, "point": point, "rule": rule,
+                          "metric": metric}
+                rows.append({**common, "kind": "effect", "median": np.nanmedian(a.to_numpy(float)) if len(a) else np.nan,
+                             "base_median": np.nanmedian(b.to_numpy(float)) if len(b) else np.nan, "n": c.n_a,
+                             "n_base": c.n_b, "effect": c.effect, "ci_low": c.ci[0], "ci_high": c.ci[1], "p": c.p})
+                if rule == REFERENCE_RULE or REFERENCE_RULE not in set(g.rule):
+                    continue
+                i = stats.interaction(a, here(g, REFERENCE_RULE)[metric], b, here(base_runs, REFERENCE_RULE)[metric])
+                rows.append({**common, "kind": "interaction", "median": np.nan, "base_median": np.nan, "n": i.n_a,
+                             "n_base": i.n_b, "effect": i.effect, "ci_low": i.ci[0], "ci_high": i.ci[1], "p": i.p})
     return pd.DataFrame(rows)
 
 

@@ -206,6 +206,47 @@ def _ranking_findings(ranking: pd.DataFrame) -> list[str]:
     return out
 
 
+def _effects_table(effects: pd.DataFrame, kind: str) -> pd.DataFrame:
+    e = effects[effects.kind == kind] if len(effects) else effects
+    if not len(e):
+        return pd.DataFrame()
+    columns = {"setting": e.setting.str.partition(".")[2], "level": e.level, "rule": e.rule,
+               "metric": e.metric.map(A.LABELS)}
+    if kind == "effect":
+        columns.update({"median": e["median"].map(number), "base": e.base_median.map(number),
+                        "difference [95% CI]": [f"{_signed(r.effect)} [{number(r.ci_low)}, {number(r.ci_high)}]"
+                                                for r in e.itertuples()],
+                        "n": [f"{r.n} vs {r.n_base}" for r in e.itertuples()]})
+    else:
+        columns["change of the difference from BPTT [95% CI]"] = [
+            f"{_signed(r.effect)} [{number(r.ci_low)}, {number(r.ci_high)}]" for r in e.itertuples()]
+    columns.update({"p (BH)": e.p_adjusted.map(lambda v: number(v, 2))})
+    return pd.DataFrame(columns)
+
+
+def _effects_findings(effects: pd.DataFrame) -> list:
+    """Per setting: what it moved, rule by rule, and whether it narrowed or widened the gap to BPTT."""
+    out = []
+    for setting, g in effects.groupby("setting", sort=False):
+        name = setting.partition(".")[2]
+        sig = g[g.p_adjusted < SIGNIFICANCE]
+        lines = []
+        for r in sig[sig.kind == "effect"].itertuples():
+            lines.append(f"{r.rule}, {name} = {r.level}: {A.LABELS[r.metric]} {number(r.median)} vs {number(r.base_median)} "
+                         f"at the base ({'higher' if r.effect > 0 else 'lower'}, difference {_signed(r.effect)}, "
+                         f"95% CI [{number(r.ci_low)}, {number(r.ci_high)}], p = {number(r.p_adjusted, 2)}).")
+        for r in sig[sig.kind == "interaction"].itertuples():
+            lines.append(f"{r.rule}, {name} = {r.level}: its {A.LABELS[r.metric]} difference from BPTT "
+                         f"{'grows' if r.effect > 0 else 'shrinks'} by {_signed(r.effect)} "
+                         f"(95% CI [{number(r.ci_low)}, {number(r.ci_high)}], p = {number(r.p_adjusted, 2)}).")
+        tested = int(np.isfinite(g.p.to_numpy(float)).sum())
+        head = (f"{name}: {len(lines)} of {tested} comparisons with the base cell are significant"
+                if lines else f"{name}: no comparison with the base cell is significant ({tested} tested); the data "
+                "do not show that it moves these measures or the rules' differences from BPTT")
+        out.append((head + ".", lines) if lines else head + ".")
+    return out
+
+
 def _matched_table(matched: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for cond, g in matched.groupby("condition", sort=False):
@@ -280,8 +321,10 @@ def _analyse(final: pd.DataFrame, history: pd.DataFrame, target: float | None,
     readings += [A.contrasts(reached, "matched")] if len(reached) else []
     contrasts = pd.concat(readings, ignore_index=True) if readings else pd.DataFrame()
     ranking = A.measure_ranking(alive, list(hyperparameters)) if "pac_bayes_sigma" in alive else pd.DataFrame()
+    # One setting at a time: at the training target when there is one (the runs that reached it).
+    effects = A.setting_effects(reached if target is not None else alive)
     return {"final": final, "history": history, "dropped": dropped, "levels": levels, "matched": matched,
-            "contrasts": contrasts, "correlations": A.correlations(alive), "ranking": ranking}
+            "contrasts": contrasts, "correlations": A.correlations(alive), "ranking": ranking, "effects": effects}
 
 
 def _level_text(levels: pd.Series, target) -> str:
@@ -304,6 +347,8 @@ def _findings(a: dict, target, tests: int) -> list:
         out += _correlation_findings(a["correlations"])
     if len(a["ranking"]):
         out += _ranking_findings(a["ranking"])
+    if len(a["effects"]):
+        out += _effects_findings(a["effects"])
     for left_out, kept in a["dropped"]:
         out.append(f"{left_out} is the same computation as {kept}: it was run as a check and is left out of every "
                    "statistic.")
@@ -371,7 +416,7 @@ def write_report(folder: str | Path) -> Path:
         hyperparameters = [k.partition(".")[2] for k in cells[task].get("values", {}) if k != "task.name"]
         hyperparameters += ["learning_rate"] if "learning_rate" not in hyperparameters else []
         analyses[task] = _analyse(f_t, h_t, cells[task]["train"].get("target_loss"), hyperparameters)
-    tested = [t for a in analyses.values() for t in (a["contrasts"], a["correlations"], a["ranking"])]
+    tested = [t for a in analyses.values() for t in (a["contrasts"], a["correlations"], a["ranking"], a["effects"])]
     A.adjust_all(*tested)
     tests = sum(int(np.isfinite(t.p.to_numpy(float)).sum()) for t in tested if "p" in t)
 
@@ -395,7 +440,8 @@ def write_report(folder: str | Path) -> Path:
                   + F.curvature_vs_gap(a["final"], figs, prefix, palette, conditions)
                   + F.alignment(a["history"], figs, prefix, palette, conditions)
                   + F.slices(slices[slices.task == task] if len(slices) else slices, figs, prefix, palette, conditions)
-                  + F.across_grid(a["final"], figs, prefix))
+                  + (F.setting_sweep(a["final"], figs, prefix) if "varied" in a["final"]
+                     else F.across_grid(a["final"], figs, prefix)))
         summary = summary_table(a["final"]).drop(columns="task")
         fit = summary[[c for c in summary.columns if c not in CURVATURE_COLUMNS]]
         curvature = summary[["condition"] + [c for c in CURVATURE_COLUMNS if c in summary]]
@@ -409,6 +455,9 @@ def write_report(folder: str | Path) -> Path:
             ("Curvature against the gaps", _correlation_table(a["correlations"])),
             ("Which measure ranks runs by their gap (Kendall's τ; Ψ: granulated, one hyperparameter varied at a time)",
              _ranking_table(a["ranking"])),
+            ("Each setting against its base cell, rule by rule", _effects_table(a["effects"], "effect")),
+            ("Does the setting narrow or widen each rule's difference from BPTT? (difference of differences of "
+             "medians)", _effects_table(a["effects"], "interaction")),
             ("Stability theory at the end", _theory_table(A.counted(a["final"])[0])),
         ]
         findings = _findings(a, target, tests)

@@ -310,3 +310,38 @@ def across_grid(final, figs, prefix):
     _symlog(axes[2], runs.lambda_max)
     _legend(fig, axes[0])
     return [("Across the grid (e.g. learning-rate scaling and late boosts)", _save(fig, figs, f"{prefix}grid"))]
+
+
+def setting_sweep(final, figs, prefix):
+    """[sweep]: each metric against each varied setting's level, a line per rule (medians and
+    quartiles over runs), the base cell at the setting's base level."""
+    runs = ok(final)
+    if "varied" not in runs or not (runs.varied != "").any():
+        return []
+    settings = list(dict.fromkeys(runs.varied[runs.varied != ""]))
+    metrics = [(m, label) for m, label in (("lambda_max", "λ_max"), ("rho", "ρ"), ("gap_loss", "gap"),
+                                             ("perturbed_gap", "perturbed gap")) if _has(runs, m)]
+    fig, axes = plt.subplots(len(metrics), len(settings), figsize=(3.2 * len(settings) + 1, 2.6 * len(metrics)),
+                             squeeze=False)
+    base = runs[runs.varied == ""]
+    for j, setting in enumerate(settings):
+        field = setting.partition(".")[2]
+        levels = runs.loc[runs.varied == setting, field].astype(float)
+        base_level = float(base[field].iloc[0])
+        for rule in dict.fromkeys(runs.rule):
+            points = [(base_level, base[base.rule == rule])] + [
+                (lv, runs[(runs.varied == setting) & (runs.rule == rule) & (levels == lv)])
+                for lv in sorted(set(levels))]
+            for i, (metric, label) in enumerate(metrics):
+                xs = [x for x, g in points if len(g)]
+                qs = np.array([np.nanpercentile(g[metric].to_numpy(float), [25, 50, 75]) for _, g in points if len(g)])
+                if not len(xs):
+                    continue
+                ax = axes[i, j]
+                ax.errorbar(xs, qs[:, 1], yerr=[qs[:, 1] - qs[:, 0], qs[:, 2] - qs[:, 1]], fmt="o-", capsize=2,
+                            label=rule)
+                ax.set(xlabel=field if i == len(metrics) - 1 else None, ylabel=label if j == 0 else None)
+        axes[0, j].set_title(field, fontsize=9)
+    _legend(fig, axes[0, 0])
+    return [("One setting at a time: each metric against the setting's level (medians, quartiles)",
+             _save(fig, figs, f"{prefix}sweep"))]

@@ -8,6 +8,8 @@
   ranks are taken within each stratum (condition) and centered there, so that differences
   *between* conditions (e.g. one rule underfits and is flatter) cannot make a correlation that
   holds within none of them. Bootstrap and permutations stay within strata.
+* :func:`interaction` — whether a setting changes the difference between two groups (a rule and
+  BPTT): the difference of differences of medians, with a bootstrap interval and p-value.
 * :func:`adjust` — Benjamini–Hochberg adjusted p-values over every test a report prints.
 * :func:`kendall`, :func:`granulated_kendall` — how well a generalization measure ranks runs by
   their gap: Kendall's τ over all runs, and Jiang et al.'s granulated τ (one hyperparameter varied
@@ -72,6 +74,33 @@ def contrast(a, b, *, resamples: int = RESAMPLES, seed: int = 0) -> Contrast:
                                   n_resamples=resamples, rng=rng)
     ci = boot.confidence_interval
     return Contrast(len(a), len(b), effect, (float(ci.low), float(ci.high)), float(perm.pvalue))
+
+
+def difference_of_differences(a, a_ref, b, b_ref, axis=-1):
+    """[median(a) − median(a_ref)] − [median(b) − median(b_ref)] (vectorized along ``axis``)."""
+    return median_difference(a, a_ref, axis) - median_difference(b, b_ref, axis)
+
+
+def interaction(a, a_ref, b, b_ref, *, resamples: int = RESAMPLES, seed: int = 0) -> Contrast:
+    """How much a setting moves group a relative to its reference: groups (a, a_ref) with the
+    setting, (b, b_ref) without (e.g. a rule and BPTT, each in a varied and in the base cell).
+    The effect is :func:`difference_of_differences`; its interval a percentile bootstrap (runs
+    resampled within each of the four groups); its p-value the bootstrap's two-sided test,
+    2·min(P*(Δ* ≤ 0), P*(Δ* ≥ 0)) — approximate with few runs per group, like every bootstrap.
+    ``n_a``/``n_b`` count the runs with and without the setting."""
+    groups = [_finite(g) for g in (a, a_ref, b, b_ref)]
+    n_with, n_without = len(groups[0]) + len(groups[1]), len(groups[2]) + len(groups[3])
+    if min(map(len, groups)) < 2:
+        return Contrast(n_with, n_without, float("nan"), (float("nan"), float("nan")), float("nan"))
+    effect = float(difference_of_differences(*groups))
+    if np.ptp(np.concatenate(groups)) == 0:
+        return Contrast(n_with, n_without, effect, (effect, effect), 1.0)
+    boot = stats.bootstrap(groups, difference_of_differences, n_resamples=resamples, confidence_level=CONFIDENCE,
+                           method="percentile", rng=np.random.default_rng(seed))
+    dist = boot.bootstrap_distribution
+    p = min(1.0, 2 * min(np.mean(dist <= 0), np.mean(dist >= 0)))
+    ci = boot.confidence_interval
+    return Contrast(n_with, n_without, effect, (float(ci.low), float(ci.high)), float(p))
 
 
 def smallest_p(n_a: int, n_b: int) -> float:
