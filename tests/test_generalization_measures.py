@@ -113,6 +113,7 @@ def test_network_measures_vmap_over_members_and_agree_with_direct_computations()
     structs = jax.tree.map(lambda *a: jnp.stack(a), *(m[1] for m in members))
     keys = jax.random.split(jax.random.PRNGKey(3), 2)
 
+    @jax.jit
     def one(p, s, k, p0):
         return network_measures(cfg, p, s, batch, p0, k, bound=0.05, draws=16, probes=12)
 
