@@ -79,6 +79,7 @@ def test_killed_run_resumes_bit_identically_and_damaged_files_are_named(tmp_path
     assert (pd.read_parquet(killed / "final.parquet").train_seconds > 0).all()
     env = json.loads((clean / "environment.json").read_text())
     assert {"jax", "devices", "platform", "xla_flags"} <= set(env)
+    assert env["compilation_cache"] == os.environ["JAX_COMPILATION_CACHE_DIR"]  # compiled programs kept (conftest's)
     # A damaged finished run stops the rerun before any work, naming the file and what to do.
     # (Deleting it and rerunning recomputes it bit for bit: test_tiny_experiment_end_to_end_and_resume.)
     damaged = killed / "runs" / "c00-r00-eprop.npz"

@@ -8,6 +8,7 @@ import signal
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 from creditscape import presets, stopping
 from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError, UnitsFailed
@@ -50,6 +51,7 @@ def _cmd_run(args) -> int:
     if args.deterministic:
         flags += " " + DETERMINISTIC_XLA_FLAG
     os.environ["XLA_FLAGS"] = flags.strip()
+    _persistent_compilation_cache()
     from creditscape.config import load
     from creditscape.experiment import run_experiment
     from creditscape.report import summary_table, write_report
@@ -67,6 +69,20 @@ def _cmd_run(args) -> int:
     print(with_median.to_string(index=False))
     print(f"\nReport: {page}\n        {page.with_suffix('.md')}")
     return 0
+
+
+def _persistent_compilation_cache() -> None:
+    """Keep compiled programs on disk (JAX's persistent cache) in ``$JAX_COMPILATION_CACHE_DIR``,
+    by default ``~/.cache/creditscape/jax``: a rerun, a resumed run and the cells of a grid that
+    compile the same program (e.g. the final measurements of cells that differ only in their
+    training noise) then load it instead of compiling it again. JAX keys each entry by the
+    program, the versions and the device, so a cached program is the one a compilation would
+    give. Processes started from here (Ray workers) inherit the setting."""
+    import jax
+
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "creditscape" / "jax"
+    directory = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(default))
+    jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def _ray_cluster(args):

@@ -74,6 +74,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "x64": bool(jax.config.jax_enable_x64),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compilation_cache": jax.config.jax_compilation_cache_dir,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -203,6 +203,20 @@ def _ranking_findings(ranking: pd.DataFrame) -> list[str]:
                    f"Kendall τ = {number(best.tau, 2)} (95% CI [{number(best.ci_low, 2)}, {number(best.ci_high, 2)}]; "
                    f"expected sign {'+' if best.expected_sign > 0 else '−'}; Benjamini–Hochberg p = "
                    f"{number(best.p_adjusted, 2)}, {held}); granulated Ψ = {number(best.psi, 2)}.")
+    # Does a rule order the measures as BPTT does? Kendall's τ between the two rules' τ of each measure.
+    for gap, g in ranking.groupby("gap", sort=False):
+        signed = g.assign(signed=g.tau * g.expected_sign).pivot_table(index="measure", columns="scope", values="signed")
+        if A.REFERENCE_RULE not in signed:
+            continue
+        for scope in (c for c in signed.columns if c not in (A.REFERENCE_RULE, "all runs")):
+            both = signed[[A.REFERENCE_RULE, scope]].dropna()
+            if len(both) < 4:
+                continue
+            agreement = both[A.REFERENCE_RULE].corr(both[scope], method="kendall")
+            top = lambda col: A.LABELS[both[col].idxmax()]
+            out.append(f"Do the measures rank {scope}'s {A.LABELS[gap]} as they rank BPTT's? Kendall's τ between "
+                       f"the two rules' τ of the {len(both)} measures = {number(agreement, 2)}; the best measure is "
+                       f"{top(scope)} for {scope} and {top(A.REFERENCE_RULE)} for BPTT.")
     return out
 
 
