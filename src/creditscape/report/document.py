@@ -422,7 +422,9 @@ def write_report(folder: str | Path) -> Path:
     figs = folder / "figures"
     figs.mkdir(exist_ok=True)
     tasks = list(dict.fromkeys(final.task))
-    cells = {c["task"]["name"]: c for c in config["cells"]}
+    cells = {}
+    for c in config["cells"]:  # each task's first cell: a sweep's base, described in its setup line
+        cells.setdefault(c["task"]["name"], c)
     analyses = {}
     for task in tasks:  # perturbed sets are per task: drop the other tasks' (empty) columns
         f_t = final[final.task == task].dropna(axis=1, how="all")
