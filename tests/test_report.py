@@ -45,6 +45,8 @@ def test_interaction_finds_a_planted_change_of_difference_and_holds_its_level():
                    for i in range(200)])
     assert 0.01 <= np.mean(ps < 0.05) <= 0.12, np.mean(ps < 0.05)
     assert np.isnan(stats.interaction([1.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0]).effect)
+    separated = stats.interaction(draw(50.0), draw(0.0), draw(0.0), draw(0.0), resamples=999)
+    assert separated.p == 2 / 1000  # never 0: no test from 999 resamples shows less
 
 
 def test_setting_effects_compare_each_varied_cell_with_its_base_rule_by_rule():

@@ -214,6 +214,11 @@ def measure_ranking(runs: pd.DataFrame, hyperparameters: list[str]) -> pd.DataFr
 SWEPT = ("lambda_max", "rho", "gap_loss", "perturbed_gap", "train_loss")  # what a setting may move
 
 
+def _finite(values) -> np.ndarray:
+    a = np.asarray(values, float)
+    return a[np.isfinite(a)]
+
+
 def setting_effects(runs: pd.DataFrame) -> pd.DataFrame:
     """Each varied cell against its base cell ([sweep]), rule by rule, per metric of
     :data:`SWEPT`: the difference of medians with its interval and permutation p (``kind`` =
@@ -238,8 +243,12 @@ def setting_effects(runs: pd.DataFrame) -> pd.DataFrame:
                              "n_base": c.n_b, "effect": c.effect, "ci_low": c.ci[0], "ci_high": c.ci[1], "p": c.p})
                 if rule == REFERENCE_RULE or REFERENCE_RULE not in set(g.rule):
                     continue
-                i = stats.interaction(a, here(g, REFERENCE_RULE)[metric], b, here(base_runs, REFERENCE_RULE)[metric])
-                rows.append({**common, "kind": "interaction", "median": np.nan, "base_median": np.nan, "n": i.n_a,
+                a_ref, b_ref = here(g, REFERENCE_RULE)[metric], here(base_runs, REFERENCE_RULE)[metric]
+                i = stats.interaction(a, a_ref, b, b_ref)
+                # "median" and "base_median" of an interaction: the rule's difference from BPTT
+                # (of medians) with the setting and at the base.
+                rows.append({**common, "kind": "interaction", "median": stats.median_difference(*map(_finite, (a, a_ref))),
+                             "base_median": stats.median_difference(*map(_finite, (b, b_ref))), "n": i.n_a,
                              "n_base": i.n_b, "effect": i.effect, "ci_low": i.ci[0], "ci_high": i.ci[1], "p": i.p})
     return pd.DataFrame(rows)
 

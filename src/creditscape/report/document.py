@@ -232,31 +232,41 @@ def _effects_table(effects: pd.DataFrame, kind: str) -> pd.DataFrame:
                                                 for r in e.itertuples()],
                         "n": [f"{r.n} vs {r.n_base}" for r in e.itertuples()]})
     else:
+        columns.update({"rule − BPTT": e["median"].map(_signed), "at the base": e.base_median.map(_signed)})
         columns["change of the difference from BPTT [95% CI]"] = [
             f"{_signed(r.effect)} [{number(r.ci_low)}, {number(r.ci_high)}]" for r in e.itertuples()]
     columns.update({"p (BH)": e.p_adjusted.map(lambda v: number(v, 2))})
     return pd.DataFrame(columns)
 
 
-def _effects_findings(effects: pd.DataFrame) -> list:
-    """Per setting: what it moved, rule by rule, and whether it narrowed or widened the gap to BPTT."""
+def _effects_findings(effects: pd.DataFrame, final: pd.DataFrame, target) -> list:
+    """Per setting: what it moved, rule by rule, and whether it narrowed or widened the gap to BPTT
+    (and, trained to a target, which rules' runs did not all reach it there)."""
     out = []
     for setting, g in effects.groupby("setting", sort=False):
         name = setting.partition(".")[2]
         sig = g[g.p_adjusted < SIGNIFICANCE]
         lines = []
+        if target is not None:
+            varied = A.ok(final[final.varied == setting])
+            for (level, rule), runs in varied.groupby([name, "rule"], sort=False):
+                if (runs.reached_at < 0).any():
+                    lines.append(f"{rule}, {name} = {level}: {int((runs.reached_at >= 0).sum())} of {len(runs)} runs "
+                                 f"reached the training loss {number(target)} (the others are left out).")
         for r in sig[sig.kind == "effect"].itertuples():
             lines.append(f"{r.rule}, {name} = {r.level}: {A.LABELS[r.metric]} {number(r.median)} vs {number(r.base_median)} "
                          f"at the base ({'higher' if r.effect > 0 else 'lower'}, difference {_signed(r.effect)}, "
                          f"95% CI [{number(r.ci_low)}, {number(r.ci_high)}], p = {number(r.p_adjusted, 2)}).")
         for r in sig[sig.kind == "interaction"].itertuples():
-            lines.append(f"{r.rule}, {name} = {r.level}: its {A.LABELS[r.metric]} difference from BPTT "
-                         f"{'grows' if r.effect > 0 else 'shrinks'} by {_signed(r.effect)} "
-                         f"(95% CI [{number(r.ci_low)}, {number(r.ci_high)}], p = {number(r.p_adjusted, 2)}).")
+            way = "narrows" if abs(r.median) < abs(r.base_median) else "widens"
+            lines.append(f"{r.rule}, {name} = {r.level}: its {A.LABELS[r.metric]} difference from BPTT {way}, from "
+                         f"{_signed(r.base_median)} at the base to {_signed(r.median)} (change {_signed(r.effect)}, "
+                         f"95% CI [{number(r.ci_low)}, {number(r.ci_high)}], p = {number(r.p_adjusted, 2)}).")
         tested = int(np.isfinite(g.p.to_numpy(float)).sum())
-        head = (f"{name}: {len(lines)} of {tested} comparisons with the base cell are significant"
-                if lines else f"{name}: no comparison with the base cell is significant ({tested} tested); the data "
-                "do not show that it moves these measures or the rules' differences from BPTT")
+        significant = int((g.p_adjusted < SIGNIFICANCE).sum())
+        head = (f"{name}: {significant} of {tested} comparisons with the base cell are significant"
+                if significant else f"{name}: no comparison with the base cell is significant ({tested} tested); the "
+                "data do not show that it moves these measures or the rules' differences from BPTT")
         out.append((head + ".", lines) if lines else head + ".")
     return out
 
@@ -362,7 +372,7 @@ def _findings(a: dict, target, tests: int) -> list:
     if len(a["ranking"]):
         out += _ranking_findings(a["ranking"])
     if len(a["effects"]):
-        out += _effects_findings(a["effects"])
+        out += _effects_findings(a["effects"], final, target)
     for left_out, kept in a["dropped"]:
         out.append(f"{left_out} is the same computation as {kept}: it was run as a check and is left out of every "
                    "statistic.")

@@ -86,7 +86,8 @@ def interaction(a, a_ref, b, b_ref, *, resamples: int = RESAMPLES, seed: int = 0
     setting, (b, b_ref) without (e.g. a rule and BPTT, each in a varied and in the base cell).
     The effect is :func:`difference_of_differences`; its interval a percentile bootstrap (runs
     resampled within each of the four groups); its p-value the bootstrap's two-sided test,
-    2·min(P*(Δ* ≤ 0), P*(Δ* ≥ 0)) — approximate with few runs per group, like every bootstrap.
+    2·min(#{Δ* ≤ 0} + 1, #{Δ* ≥ 0} + 1)/(R + 1) over the R resamples — approximate with few runs
+    per group, like every bootstrap.
     ``n_a``/``n_b`` count the runs with and without the setting."""
     groups = [_finite(g) for g in (a, a_ref, b, b_ref)]
     n_with, n_without = len(groups[0]) + len(groups[1]), len(groups[2]) + len(groups[3])
@@ -98,7 +99,8 @@ def interaction(a, a_ref, b, b_ref, *, resamples: int = RESAMPLES, seed: int = 0
     boot = stats.bootstrap(groups, difference_of_differences, n_resamples=resamples, confidence_level=CONFIDENCE,
                            method="percentile", rng=np.random.default_rng(seed))
     dist = boot.bootstrap_distribution
-    p = min(1.0, 2 * min(np.mean(dist <= 0), np.mean(dist >= 0)))
+    # (+1 on both sides: a test from R resamples cannot show p below about 2/(R + 1).)
+    p = min(1.0, 2 * (min(np.sum(dist <= 0), np.sum(dist >= 0)) + 1) / (len(dist) + 1))
     ci = boot.confidence_interval
     return Contrast(n_with, n_without, effect, (float(ci.low), float(ci.high)), float(p))
 
