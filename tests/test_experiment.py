@@ -39,6 +39,7 @@ def test_forced_divergence_is_recorded_and_reported(tmp_path, monkeypatch):
         assert f"{row.condition} seed {row.seed} at iteration {row.diverged_at}" in report
     assert "runs diverged (NaN/inf) and are excluded from the statistics" in report
     assert "### Which measure ranks runs by their gap" in report and "PAC-Bayes σ (magnitude-aware)" in report
+    assert (out / "figures" / "measure_ranking.png").is_file()
     assert "Best predictor of the perturbed gap (all runs, n = 4)" in report
     summary = report.split("### Fit and generalization")[1]
     line = next(ln for ln in summary.splitlines() if ln.startswith(f"| {blown.condition.iloc[0]} |"))

@@ -464,6 +464,7 @@ def write_report(folder: str | Path) -> Path:
                   + F.per_condition(a["final"], figs, prefix, palette, conditions, block)
                   + F.perturbed(a["final"], figs, prefix, palette, conditions)
                   + F.curvature_vs_gap(a["final"], figs, prefix, palette, conditions)
+                  + F.measure_ranking(a["ranking"], figs, prefix)
                   + F.alignment(a["history"], figs, prefix, palette, conditions)
                   + F.slices(slices[slices.task == task] if len(slices) else slices, figs, prefix, palette, conditions)
                   + (F.setting_sweep(a["final"], figs, prefix) if "varied" in a["final"]

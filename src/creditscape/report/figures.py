@@ -345,3 +345,32 @@ def setting_sweep(final, figs, prefix):
     _legend(fig, axes[0, 0])
     return [("One setting at a time: each metric against the setting's level (medians, quartiles)",
              _save(fig, figs, f"{prefix}sweep"))]
+
+
+def measure_ranking(ranking, figs, prefix):
+    """Kendall's τ of every generalization measure with each gap, over all runs and per rule,
+    signed so that a measure predicting as its literature expects points right (with the
+    bootstrap interval)."""
+    scopes = list(dict.fromkeys(ranking.scope)) if len(ranking) else []
+    if not scopes:
+        return []
+    gaps = list(dict.fromkeys(ranking.gap))
+    measures = list(dict.fromkeys(ranking.measure))
+    fig, axes = plt.subplots(1, len(gaps), figsize=(5.2 * len(gaps), 0.42 * len(measures) * len(scopes) / 2 + 1.5),
+                             squeeze=False, sharey=True)
+    height = 0.8 / len(scopes)
+    for ax, gap in zip(axes[0], gaps):
+        for k, scope in enumerate(scopes):
+            g = ranking[(ranking.gap == gap) & (ranking.scope == scope)].set_index("measure").reindex(measures)
+            sign = g.expected_sign.to_numpy(float)
+            tau, lo, hi = (g[c].to_numpy(float) * sign for c in ("tau", "ci_low", "ci_high"))
+            y = np.arange(len(measures)) + (k - (len(scopes) - 1) / 2) * height
+            ax.barh(y, tau, height, label=scope)
+            ax.errorbar(tau, y, xerr=[np.abs(tau - np.minimum(lo, hi)), np.abs(np.maximum(lo, hi) - tau)], fmt="none",
+                        ecolor="k", elinewidth=0.8, capsize=1.5)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set(title={"gap_loss": "gap (test − train loss)"}.get(gap, gap.replace("_", " ")), xlabel="Kendall τ × expected sign (> 0: predicts as expected)",
+               yticks=range(len(measures)), yticklabels=[m.replace("_", " ") for m in measures])
+    _legend(fig, axes[0][0])
+    return [("Which measure ranks each rule's runs by their gap (Kendall τ, 95% bootstrap intervals)",
+             _save(fig, figs, f"{prefix}measure_ranking"))]
