@@ -214,11 +214,6 @@ def measure_ranking(runs: pd.DataFrame, hyperparameters: list[str]) -> pd.DataFr
 SWEPT = ("lambda_max", "rho", "gap_loss", "perturbed_gap", "train_loss")  # what a setting may move
 
 
-def _finite(values) -> np.ndarray:
-    a = np.asarray(values, float)
-    return a[np.isfinite(a)]
-
-
 def setting_effects(runs: pd.DataFrame) -> pd.DataFrame:
     """Each varied cell against its base cell ([sweep]), rule by rule, per metric of
     :data:`SWEPT`: the difference of medians with its interval and permutation p (``kind`` =
@@ -247,8 +242,8 @@ def setting_effects(runs: pd.DataFrame) -> pd.DataFrame:
                 i = stats.interaction(a, a_ref, b, b_ref)
                 # "median" and "base_median" of an interaction: the rule's difference from BPTT
                 # (of medians) with the setting and at the base.
-                rows.append({**common, "kind": "interaction", "median": stats.median_difference(*map(_finite, (a, a_ref))),
-                             "base_median": stats.median_difference(*map(_finite, (b, b_ref))), "n": i.n_a,
+                rows.append({**common, "kind": "interaction", "median": stats.median_difference(*map(stats.finite, (a, a_ref))),
+                             "base_median": stats.median_difference(*map(stats.finite, (b, b_ref))), "n": i.n_a,
                              "n_base": i.n_b, "effect": i.effect, "ci_low": i.ci[0], "ci_high": i.ci[1], "p": i.p})
     return pd.DataFrame(rows)
 

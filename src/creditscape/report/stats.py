@@ -30,7 +30,7 @@ CONFIDENCE = 0.95
 RESAMPLES = 9999
 
 
-def _finite(a) -> np.ndarray:
+def finite(a) -> np.ndarray:
     a = np.asarray(a, float)
     return a[np.isfinite(a)]
 
@@ -61,7 +61,7 @@ class Contrast(NamedTuple):
 def contrast(a, b, *, resamples: int = RESAMPLES, seed: int = 0) -> Contrast:
     """Difference of medians of a and b, its bootstrap interval, and the permutation p-value of a
     difference in location (mean ranks)."""
-    a, b = _finite(a), _finite(b)
+    a, b = finite(a), finite(b)
     if len(a) < 2 or len(b) < 2:
         return Contrast(len(a), len(b), float("nan"), (float("nan"), float("nan")), float("nan"))
     effect = float(median_difference(a, b))
@@ -89,7 +89,7 @@ def interaction(a, a_ref, b, b_ref, *, resamples: int = RESAMPLES, seed: int = 0
     2·min(#{Δ* ≤ 0} + 1, #{Δ* ≥ 0} + 1)/(R + 1) over the R resamples — approximate with few runs
     per group, like every bootstrap.
     ``n_a``/``n_b`` count the runs with and without the setting."""
-    groups = [_finite(g) for g in (a, a_ref, b, b_ref)]
+    groups = [finite(g) for g in (a, a_ref, b, b_ref)]
     n_with, n_without = len(groups[0]) + len(groups[1]), len(groups[2]) + len(groups[3])
     if min(map(len, groups)) < 2:
         return Contrast(n_with, n_without, float("nan"), (float("nan"), float("nan")), float("nan"))
