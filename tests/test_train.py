@@ -30,7 +30,7 @@ def test_bptt_reliably_learns_the_small_task(cue):
     np.testing.assert_allclose(res.evals["alignment"], 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rule,form", [("eprop", "online"), ("mdgl", "offline"), ("tbptt", "online")])
+@pytest.mark.parametrize("rule,form", [("eprop", "online"), ("mdgl", "offline"), ("tbptt", "online"), ("kf_rtrl", "online")])
 def test_dale_signs_and_mask_kept_through_training(cue, rule, form):
     task, s = cue
     cfg = M.ModelConfig(task.n_in, 10, task.n_out, dale_exc_fraction=0.8, connectivity=0.7, alpha=0.5)

@@ -61,11 +61,30 @@ def _recurrent_hop(cfg, struct, s_prev_next, s_next, u_next, w_bar):
     return one_minus @ np.diag(dphi(u_next)) @ w_bar
 
 
+def _snap_pattern(cfg, struct, pc, n):
+    """SnAp-n's pattern from its definition: parameter p acts on the unit its immediate terms touch
+    (over the whole sequence); entry (k, p) is kept when k is reachable from that unit in at most
+    n − 1 steps along existing recurrent connections (i → k where W_rec[k, i] exists)."""
+    touched = np.abs(np.asarray(pc["ds0"])) + sum(np.abs(i_t) for i_t in pc["I"])
+    owner = np.argmax(touched, axis=0)  # parameters touching no unit (absent weights) keep a zero column
+    mask = np.asarray(struct.rec_mask)
+    reach = np.zeros((cfg.n_rec, cfg.n_rec), bool)
+    for start in range(cfg.n_rec):
+        frontier = {start}
+        seen = {start}
+        for _ in range(n - 1):
+            frontier = {k for i in frontier for k in range(cfg.n_rec) if mask[k, i]} - seen
+            seen |= frontier
+        reach[sorted(seen), start] = True
+    return reach[:, owner].astype(float)
+
+
 def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None = None, feedback=None,
-                       w_bar=None, xi=None):
+                       w_bar=None, xi=None, n: int | None = None):
     """Recurrent-layer gradient (as a pytree like ``params`` with readout ``None``) of ``rule`` ∈
-    {"exact", "tbptt", "eprop", "mdgl"} by explicit path sums. ``feedback`` (n_out × N) replaces
-    W_out in the learning signal; ``w_bar`` is MDGL's modulatory matrix; ``k`` the tbptt window."""
+    {"exact", "tbptt", "eprop", "mdgl", "snap"} by explicit path sums (SnAp: the masked recursion
+    written out). ``feedback`` (n_out × N) replaces W_out in the learning signal; ``w_bar`` is MDGL's
+    modulatory matrix; ``k`` the tbptt window; ``n`` SnAp's number of steps."""
     feedback = params.w_out if feedback is None else feedback
     weights = np.asarray(loss_weights(cfg, batch.mask))
     total, unravel = None, None
@@ -98,6 +117,12 @@ def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None =
                     u_next = _u(cfg, params, struct, pc["s"][t - 1], x_next, None if xb is None else xb[t])
                     hop = _recurrent_hop(cfg, struct, pc["s"][t - 1], pc["s"][t], u_next, np.asarray(w_bar))
                     g += c[t + 1] @ hop @ elig[t]
+        elif rule == "snap":
+            pattern = _snap_pattern(cfg, struct, pc, n)
+            m = pc["ds0"]
+            for t in range(1, n_steps + 1):
+                m = pattern * (J[t] @ m + pc["I"][t - 1])
+                g += c[t] @ m
         else:
             raise ValueError(f"no reference for {rule!r}")
         total = g if total is None else total + g

@@ -30,19 +30,23 @@ from jax.flatten_util import ravel_pytree
 from creditscape.curvature import _insert, _select, existing_weights
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, l2_gradient
-from creditscape.rules import Rule, rule_gradient
+from creditscape.rules import Rule, expected_gradient
 
 
 def estimate_on_block(
     rule: Rule, cfg: ModelConfig, params: Params, struct: Structure, rule_state, batch: Batch,
-    block: str = "w_rec", l2: float = 0.0, *, form: str | None = None,
+    block: str = "w_rec", l2: float = 0.0, *, form: str | None = None, key: jax.Array | None = None,
+    draws: int = 1,
 ) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
-    """(ĝ_block as a function of the flattened block, the block's value); L2 gradient included."""
+    """(ĝ_block as a function of the flattened block, the block's value); L2 gradient included.
+    A stochastic rule's ĝ is its mean over ``draws`` fixed keys split from ``key``: the Jacobian
+    of that mean estimates the Jacobian of the expected update, E[Ĵ] = ∂E[ĝ]/∂θ (the draws' law
+    does not depend on θ)."""
     x0, unravel = ravel_pytree(_select(params, block))
 
     def g(x):
         p = _insert(params, block, unravel(x))
-        _, grads = rule_gradient(rule, cfg, p, struct, rule_state, batch, form=form)
+        _, grads = expected_gradient(rule, cfg, p, struct, rule_state, batch, form=form, key=key, draws=draws)
         if l2:
             grads = jax.tree.map(lambda a, b: a + l2 * b, grads, l2_gradient(existing_weights(p, struct)))
         return ravel_pytree(_select(grads, block))[0]

@@ -42,7 +42,7 @@ from creditscape.errors import DamagedFile
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, check_scored_steps, draw_noise, evaluate, l2_gradient, l2_penalty
 from creditscape.plasticity_noise import UPDATE_NOISE_SCALES, WEIGHT_NOISE_DRAWS, perturb_updates, perturb_weights
-from creditscape.rules import Rule, gradient_alignment
+from creditscape.rules import Rule, gradient_alignment, rule_gradient
 from creditscape.theory import estimate_on_block, jacobian_vector_product
 
 OPTIMIZERS = ("sgd", "adam")
@@ -213,22 +213,28 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
         batch = jax.tree.map(lambda a: a[idx], train_set)
         noise = draw_noise(cfg, batch, k_noise)
         # The rule forms its gradient at the synapses, noisy or not (keys folded from the noise
-        # key: without these options, the random stream is the same).
+        # key: without these options, the random stream is the same). A stochastic rule's draws
+        # come from a key of their own.
         def noisy_synapses(key):
             return _model.project(cfg, perturb_weights(state.params, tcfg.weight_noise, key), struct)
 
+        def estimate(params, batch, noise, key):
+            return rule_gradient(rule, cfg, params, struct, rule_state, batch, noise, form=form,
+                                 key=key if rule.stochastic else None)
+
+        k_rule = jax.random.fold_in(k_noise, 3)
         if not tcfg.weight_noise:
-            loss, grads = rule.gradient(cfg, state.params, struct, rule_state, batch, noise, form=form)
+            loss, grads = estimate(state.params, batch, noise, k_rule)
         elif tcfg.weight_noise_draw == "iteration":
-            at = noisy_synapses(jax.random.fold_in(k_noise, 1))
-            loss, grads = rule.gradient(cfg, at, struct, rule_state, batch, noise, form=form)
+            loss, grads = estimate(noisy_synapses(jax.random.fold_in(k_noise, 1)), batch, noise, k_rule)
         else:  # a trial's loss weights are 1/B of its own as a batch of one: the mean is the batch's
-            def one_trial(key, trial, trial_noise):
+            def one_trial(key, k_trial_rule, trial, trial_noise):
                 one = lambda tree: jax.tree.map(lambda a: a[None], tree)
-                return rule.gradient(cfg, noisy_synapses(key), struct, rule_state, one(trial), one(trial_noise), form=form)
+                return estimate(noisy_synapses(key), one(trial), one(trial_noise), k_trial_rule)
 
             keys = jax.random.split(jax.random.fold_in(k_noise, 1), tcfg.batch_size)
-            loss, grads = jax.tree.map(lambda a: jnp.mean(a, axis=0), jax.vmap(one_trial)(keys, batch, noise))
+            rule_keys = jax.random.split(k_rule, tcfg.batch_size)
+            loss, grads = jax.tree.map(lambda a: jnp.mean(a, axis=0), jax.vmap(one_trial)(keys, rule_keys, batch, noise))
         beta = tcfg.target_smoothing
         smoothed = jnp.where(jnp.isnan(state.smoothed_loss), loss, beta * state.smoothed_loss + (1 - beta) * loss)
         if tcfg.l2:
@@ -349,6 +355,9 @@ def make_set_evaluator(cfg: ModelConfig) -> Callable:
     return jax.jit(jax.vmap(lambda p, s, sets: _set_metrics(cfg, p, s, sets), in_axes=(0, 0, None)))
 
 
+EVAL_DRAWS = 8  # draws of a stochastic rule per evaluation point: its mean alignment, variance and Ĵ
+
+
 def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: CurvatureProbe | None = None) -> Callable:
     """Compiled (its results on the host): per-seed (loss, accuracy) on each named set, the rule's gradient alignment
     (cosine with the exact gradient, no noise) on the alignment batch, and with a ``probe`` λ_max
@@ -361,15 +370,19 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
 
     def one_seed(params, struct, rule_state, sets: dict[str, Batch], align_batch: Batch, v0, opt_state):
         out = _set_metrics(cfg, params, struct, sets)
-        al = gradient_alignment(rule, cfg, params, struct, rule_state, align_batch, form=form)
+        # A stochastic rule: over EVAL_DRAWS draws of fixed keys (the same at every point).
+        draws = dict(key=jax.random.PRNGKey(0), draws=EVAL_DRAWS) if rule.stochastic else {}
+        al = gradient_alignment(rule, cfg, params, struct, rule_state, align_batch, form=form, **draws)
         out["alignment"] = al.cosine
         out["alignment_recurrent"] = al.cosine_recurrent
+        if rule.stochastic:
+            out["relative_variance"] = al.relative_variance
         if probe is not None:
             f, x0 = block_loss(cfg, params, struct, probe.batch, probe.block, probe.l2)
             steps = min(probe.steps, x0.shape[0])
             eig = lanczos(lambda v: hvp(f, x0, v), v0, steps, min(2, steps))
             g, _ = estimate_on_block(rule, cfg, params, struct, rule_state, probe.batch, probe.block, probe.l2,
-                                     form=form)
+                                     form=form, **draws)
             v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
             out["lambda_max"] = eig.values[0]
             # How far the pair is from converged, and whether v₁ (hence ρ) is well defined.

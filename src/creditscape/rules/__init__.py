@@ -7,6 +7,7 @@ from creditscape.rules._base import register as register
 from creditscape.rules._base import rule_class as rule_class
 from creditscape.rules._base import rule_names as rule_names
 from creditscape.rules._api import Alignment as Alignment
+from creditscape.rules._api import expected_gradient as expected_gradient
 from creditscape.rules._api import gradient_alignment as gradient_alignment
 from creditscape.rules._api import rule_gradient as rule_gradient
 from creditscape.rules._bptt import BPTT as BPTT
@@ -17,9 +18,13 @@ from creditscape.rules._eprop import RandomEProp as RandomEProp
 from creditscape.rules._eprop import RFLO as RFLO
 from creditscape.rules._mdgl import MDGL as MDGL
 from creditscape.rules._mdgl import modulatory_weights as modulatory_weights
+from creditscape.rules._snap import SnAp as SnAp
+from creditscape.rules._factored import UORO as UORO
+from creditscape.rules._factored import KFRTRL as KFRTRL
+from creditscape.rules._factored import ReverseKFRTRL as ReverseKFRTRL
 
 __all__ = [
     "Rule", "RuleState", "register", "get_rule", "rule_class", "rule_names",
-    "rule_gradient", "gradient_alignment", "Alignment",
-    "BPTT", "TruncatedBPTT", "RTRL", "EProp", "RandomEProp", "RFLO", "MDGL", "modulatory_weights",
+    "rule_gradient", "expected_gradient", "gradient_alignment", "Alignment",
+    "BPTT", "TruncatedBPTT", "RTRL", "EProp", "RandomEProp", "RFLO", "MDGL", "modulatory_weights", "SnAp", "UORO", "KFRTRL", "ReverseKFRTRL",
 ]

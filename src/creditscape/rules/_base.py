@@ -10,6 +10,10 @@ fields are its options. A rule computes its estimate in one or both **forms**:
 * ``"offline"``: autodiff through a modified graph, memory growing with T;
 * ``"online"``: a forward-in-time recursion whose memory does not grow with T.
 
+A **stochastic** rule (``stochastic = True``: UORO, KF-RTRL, ...) draws random numbers inside each
+estimate from the ``key`` it is given; an exact gradient is then the estimate's expectation over
+keys, not one draw. Only stochastic rules receive a key.
+
 Adding a rule: subclass :class:`Rule`, implement :meth:`Rule.gradient`, set ``name``, ``formula``
 and ``forms``, and decorate with :func:`register`. The shared test matrix then covers it.
 """
@@ -37,6 +41,7 @@ class Rule(abc.ABC):
     name: ClassVar[str]
     formula: ClassVar[str]  # one line, shown by ``creditscape rules``
     forms: ClassVar[tuple[str, ...]]  # supported forms; the first is the default
+    stochastic: ClassVar[bool] = False  # draws random numbers from ``key`` in each estimate
 
     def init(self, cfg: ModelConfig, params: Params, struct: Structure, *, key: jax.Array) -> RuleState:
         """Draw the rule's fixed state (e.g. random feedback); ``()`` when it has none."""
@@ -55,7 +60,9 @@ class Rule(abc.ABC):
         *,
         form: str,
     ) -> tuple[jax.Array, Params]:
-        """Return (exact loss of the batch, gradient estimate ĝ with the structure of ``params``)."""
+        """Return (exact loss of the batch, gradient estimate ĝ with the structure of ``params``).
+        A stochastic rule's ``gradient`` also takes a keyword ``key``, a PRNG key for its draws;
+        call rules through :func:`creditscape.rules.rule_gradient`, which passes it where needed."""
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Refuse, with a ``ValueError`` that says what to change, a network on which this rule

@@ -20,6 +20,8 @@ A learned initial state s0 has the leak-only eligibility α_i^t.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
@@ -181,17 +183,72 @@ def trace_rule_online(
     prev_delta = prev_signal * (prev_slope if cfg.form == "voltage" else 1.0)
     g_full_last, g_s0_last = credit(prev_trace, prev_decay, prev_delta)
     loss, g_full, g_s0, g_out, g_bout = acc
-    g_full = g_full + g_full_last
-    g_s0 = g_s0 + g_s0_last
-    grads = Params(
+    grads = presynaptic_gradient(cfg, params, struct, g_full + g_full_last, g_s0 + g_s0_last)
+    return loss, grads._replace(w_out=g_out, b_out=g_bout)
+
+
+def presynaptic_gradient(cfg: ModelConfig, params: Params, struct: Structure, g_full: jax.Array,
+                         g_s0: jax.Array | None = None) -> Params:
+    """The recurrent layer's gradient from its (N × (N + n_in + 1)) matrix over the presynaptic
+    vector p_t = [r_{t-1}, x_t, 1] (absent connections zeroed), readout ``None``."""
+    n = cfg.n_rec
+    return Params(
         w_in=g_full[:, n : n + cfg.n_in],
         w_rec=g_full[:, :n] * struct.rec_mask,
         b=None if params.b is None else g_full[:, -1],
-        w_out=g_out,
-        b_out=g_bout,
+        w_out=None,
+        b_out=None,
         s0=None if params.s0 is None else g_s0,
     )
-    return loss, grads
+
+
+def presynaptic_input(cfg: ModelConfig, s_prev: jax.Array, x_t: jax.Array) -> jax.Array:
+    """p_t = [r_{t-1}, x_t, 1] (B, N + n_in + 1): what each synapse of the recurrent layer carries."""
+    return jnp.concatenate([_model.activity(cfg, s_prev), x_t, jnp.ones_like(x_t[:, :1])], axis=1)
+
+
+def drive_slope(cfg: ModelConfig, struct: Structure, u: jax.Array) -> jax.Array:
+    """D_t = ∂s_{t,i}/∂u_{t,i} (B, N), the immediate effect of the drive u = W p on the state:
+    (1 − α_i) (voltage form) or (1 − α_i) φ'(u_{t,i}) (rate form); ∂s_t/∂W_ij = δ_ki D_{t,i} p_{t,j}."""
+    slope = 1 - _model.leak(cfg, struct)
+    return slope * (jnp.ones_like(u) if cfg.form == "voltage" else phi_prime(cfg, u))
+
+
+def step_signal(cfg: ModelConfig, params: Params, weight_t: jax.Array, target_t: jax.Array, s: jax.Array):
+    """(ℓ_t, c_t = ∂ℓ_t/∂s_t) of one step: its weighted loss and the direct error on the state."""
+
+    def step_loss(s_):
+        y = _model.readout(params, _model.activity(cfg, s_))
+        return jnp.sum(weight_t * step_losses(cfg, y[:, None], target_t[:, None])[:, 0])
+
+    return jax.value_and_grad(step_loss)(s)
+
+
+class FlatStep(NamedTuple):
+    """The model's step as a function of the recurrent layer's parameters flattened to θ (P,)."""
+
+    theta: jax.Array  # θ at ``params``
+    unravel: Callable  # θ → recurrent-layer Params (readout None)
+    step: Callable  # (θ, s_prev, x_t, xi_t) → s_t
+    initial_state: Callable  # (θ, batch size) → s_0
+
+
+def flat_step(cfg: ModelConfig, params: Params, struct: Structure) -> FlatStep:
+    theta, unravel = ravel_pytree(recurrent_part(params))
+    full = lambda th: unravel(th)._replace(w_out=params.w_out, b_out=params.b_out)
+    return FlatStep(
+        theta,
+        unravel,
+        lambda th, s_prev, x_t, xi_t: _model.step(cfg, full(th), struct, s_prev, x_t, xi_t)[0],
+        lambda th, bsz: _model.initial_state(cfg, full(th), bsz),
+    )
+
+
+def time_major(cfg: ModelConfig, batch: Batch, noise: Noise) -> tuple:
+    """A scan's per-step inputs (x_t, xi_t, loss weight_t, target_t), time first."""
+    xis = None if noise.xi is None else jnp.swapaxes(noise.xi, 0, 1)
+    weights = jnp.swapaxes(loss_weights(cfg, batch.mask), 0, 1)
+    return jnp.swapaxes(noise.x, 0, 1), xis, weights, jnp.swapaxes(batch.target, 0, 1)
 
 
 def recurrent_part(params: Params) -> Params:
@@ -206,62 +263,52 @@ def forward_sensitivity(
     batch: Batch,
     noise: Noise,
     window: int | None,
+    pattern: jax.Array | None = None,
 ) -> tuple[jax.Array, Params]:
-    """Gradient from forward-propagated sensitivities M_t = ∂s_t/∂θ_rec (RTRL), optionally windowed.
+    """Gradient from forward-propagated sensitivities M_t = ∂s_t/∂θ_rec (RTRL), optionally windowed
+    or restricted to a sparsity pattern.
 
     ``window=None``: M_t = J_t M_{t-1} + I_t, with I_t the immediate term of step t (that of step 1
     includes the dependence through a learned s0), exact RTRL. ``window=K``: keep the last K
     immediate terms separately, each carried by the exact J, and drop older ones — truncated BPTT
-    computed forward in time. Memory O(B·N·P) (× K with a window), P the number of recurrent-layer
+    computed forward in time. ``pattern`` (N × P, 0/1): M_t = pattern ⊙ (J_t M_{t-1} + I_t) after
+    every step (SnAp). Memory O(B·N·P) (× K with a window), P the number of recurrent-layer
     parameters: small networks only.
     """
     bsz = batch.x.shape[0]
-    rec0 = recurrent_part(params)
-    theta0, unravel = ravel_pytree(rec0)
+    flat = flat_step(cfg, params, struct)
+    theta0 = flat.theta
     n_par = theta0.shape[0]
     dtype = theta0.dtype
-
-    def step_from(theta, s_prev, x_t, xi_t):
-        p = unravel(theta)._replace(w_out=params.w_out, b_out=params.b_out)
-        return _model.step(cfg, p, struct, s_prev, x_t, xi_t)[0]
-
-    def s_init_from(theta):
-        p = unravel(theta)._replace(w_out=params.w_out, b_out=params.b_out)
-        return _model.initial_state(cfg, p, bsz)
-
-    s_init = s_init_from(theta0)
     # ∂s_0/∂θ as (B, N, P): columns by forward mode on each basis direction.
+    s_init_from = lambda th: flat.initial_state(th, bsz)
+    s_init = s_init_from(theta0)
     m0 = jax.vmap(lambda d: jax.jvp(s_init_from, (theta0,), (d,))[1], out_axes=2)(jnp.eye(n_par, dtype=dtype))
 
     def tangent(s_prev, x_t, xi_t, d_theta, d_s):
-        return jax.jvp(lambda th, sp: step_from(th, sp, x_t, xi_t), (theta0, s_prev), (d_theta, d_s))[1]
+        return jax.jvp(lambda th, sp: flat.step(th, sp, x_t, xi_t), (theta0, s_prev), (d_theta, d_s))[1]
 
     basis = jnp.eye(n_par, dtype=dtype)
-    weights = jnp.swapaxes(loss_weights(cfg, batch.mask), 0, 1)
-    targets = jnp.swapaxes(batch.target, 0, 1)
 
     def body(carry, inp):
         s_prev, sens, m_start, acc = carry
         x_t, xi_t, w_t, target_t = inp
-        s = step_from(theta0, s_prev, x_t, xi_t)
+        s = flat.step(theta0, s_prev, x_t, xi_t)
         # One forward-mode column per parameter: J_t (carried sensitivity) + immediate term, where
         # the immediate term of step 1 carries ∂s_0/∂θ (m_start, zero afterwards). jvp is linear
         # in (dθ, ds), so one call gives both parts.
         columns = jax.vmap(lambda d, ds: tangent(s_prev, x_t, xi_t, d, ds), in_axes=(0, 2), out_axes=2)
         if window is None:
             sens = columns(basis, sens + m_start)
+            if pattern is not None:
+                sens = sens * pattern
             m_t = sens
         else:
             immediate = columns(basis, m_start)
             moved = jax.vmap(lambda m: columns(jnp.zeros_like(basis), m))(sens[:-1])
             sens = jnp.concatenate([immediate[None], moved], axis=0)  # (K, B, N, P)
             m_t = sens.sum(axis=0)
-
-        def step_loss(s_):
-            y = _model.readout(params, _model.activity(cfg, s_))
-            return jnp.sum(w_t * step_losses(cfg, y[:, None], target_t[:, None])[:, 0])
-
-        loss_t, c_t = jax.value_and_grad(step_loss)(s)
+        loss_t, c_t = step_signal(cfg, params, w_t, target_t, s)
         loss, g = acc
         return (s, sens, jnp.zeros_like(m_start), (loss + loss_t, g + jnp.einsum("bn,bnp->p", c_t, m_t))), None
 
@@ -269,11 +316,14 @@ def forward_sensitivity(
         sens0 = jnp.zeros((bsz, cfg.n_rec, n_par), dtype)
     else:
         sens0 = jnp.zeros((window, bsz, cfg.n_rec, n_par), dtype)
-    xis = None if noise.xi is None else jnp.swapaxes(noise.xi, 0, 1)
-    inputs = (jnp.swapaxes(noise.x, 0, 1), xis, weights, targets)
     acc0 = (jnp.zeros((), dtype), jnp.zeros((n_par,), dtype))
-    (_, _, _, (loss, g)), _ = jax.lax.scan(body, (s_init, sens0, m0, acc0), inputs)
+    (_, _, _, (loss, g)), _ = jax.lax.scan(body, (s_init, sens0, m0, acc0), time_major(cfg, batch, noise))
+    return loss, with_readout(cfg, params, struct, noise, batch, flat.unravel(g))
+
+
+def with_readout(cfg: ModelConfig, params: Params, struct: Structure, noise: Noise, batch: Batch,
+                 recurrent: Params) -> Params:
+    """``recurrent`` with the exact readout gradients filled in (from a forward pass)."""
     _, r, _ = _model.run(cfg, params, struct, noise.x, noise.xi)
     _, _, g_w_out, g_b_out = output_error(cfg, params, r, batch)
-    grads = unravel(g)._replace(w_out=g_w_out, b_out=g_b_out)
-    return loss, grads
+    return recurrent._replace(w_out=g_w_out, b_out=g_b_out)

@@ -1,0 +1,167 @@
+"""The online-rule taxonomy beyond the paper's rules (SnAp-n, UORO, KF-RTRL, reverse KF-RTRL)
+against independent references, in float64: SnAp against RTRL and a written-out masked
+recursion; the stochastic rules' unbiasedness by a test whose tolerance comes from the sample."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from cases import assert_close, draw, flat, model_cases
+from creditscape import _reference as ref
+from creditscape.rules import get_rule, gradient_alignment, rule_gradient
+from creditscape.rules._snap import snap_pattern
+from creditscape.theory import estimate_on_block, jacobian_vector_product
+
+CASES = dict(model_cases())
+STOCHASTIC = ("uoro", "kf_rtrl", "reverse_kf_rtrl")
+
+
+def _exact(cfg, params, struct, batch, nz):
+    return rule_gradient(get_rule("bptt"), cfg, params, struct, (), batch, nz)[1]
+
+
+@pytest.mark.parametrize("case, n", [("voltage-a0.3-tanh", 2), ("rate-a0.9-relu", 2), ("voltage-heterotau-s0", 2),
+                                     ("voltage-dale-sparse-s0", 5)])
+def test_snap_is_rtrl_when_its_pattern_is_full(case, n):
+    cfg = CASES[case]
+    params, struct, batch, nz = draw(cfg, seed=11, mask="random", noise=True)
+    assert np.all(np.asarray(snap_pattern(cfg, params, struct, n)) == 1)
+    assert_close(rule_gradient(get_rule("snap", n=n), cfg, params, struct, (), batch, nz)[1],
+                 _exact(cfg, params, struct, batch, nz))
+
+
+@pytest.mark.parametrize("case, n", [("voltage-dale-sparse-s0", 1), ("voltage-dale-sparse-s0", 2),
+                                     ("rate-dale-types-s0-mse", 1), ("voltage-a0.9-relu", 1)])
+def test_snap_is_the_pattern_restricted_recursion(case, n):
+    """Against the masked recursion written out with dense per-step Jacobians, its pattern found
+    from the definition (tests _reference.py); on these cases the pattern is not full, so SnAp-n
+    differs from the exact gradient, and the test says by how much at least."""
+    cfg = CASES[case]
+    params, struct, batch, nz = draw(cfg, seed=12, mask="every", noise=True)
+    _, g = rule_gradient(get_rule("snap", n=n), cfg, params, struct, (), batch, nz)
+    expected = ref.reference_gradient(cfg, params, struct, batch, "snap", n=n, xi=nz.xi)
+    assert_close(g._replace(w_out=None, b_out=None), expected)
+    exact = flat(_exact(cfg, params, struct, batch, nz)._replace(w_out=None, b_out=None))
+    assert np.abs(flat(expected) - exact).max() > 1e-3 * np.abs(exact).max()
+
+
+def _draws(rule, cfg, params, struct, batch, nz, n_draws, seed=0):
+    """(n_draws, P) estimates of the rule, one per key."""
+    one = lambda k: jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(
+        rule_gradient(rule, cfg, params, struct, (), batch, nz, key=k)[1])])
+    return np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(seed), n_draws)))
+
+
+def _largest_z(samples, target, scale):
+    """(max |mean − target| / (sd/√n) over the components that vary, their number); the others
+    must equal the target (the readout's exact gradient, absent weights)."""
+    mean, sd = samples.mean(axis=0), samples.std(axis=0, ddof=1)
+    varies = sd > 1e-12 * scale
+    assert np.abs(mean - target)[~varies].max(initial=0) < 1e-10 * scale
+    z = np.abs(mean - target)[varies] / (sd[varies] / np.sqrt(len(samples)))
+    return z.max(), int(varies.sum())
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+@pytest.mark.parametrize("case", ["voltage-a0.3-tanh", "rate-a0.9-tanh", "voltage-celltypes-selfconn-nobias"])
+def test_stochastic_rules_are_unbiased(name, case):
+    """The mean of n draws is the exact gradient within the error the draws' own spread predicts:
+    every component's z = (mean − ∇L)/(sd/√n) below the Bonferroni bound of a 1e-3 family-wise
+    level. The same statistic rejects e-prop's gradient as the mean (the test can fail)."""
+    cfg = CASES[case]
+    params, struct, batch, nz = draw(cfg, seed=21, mask="random", noise=True)
+    exact = flat(_exact(cfg, params, struct, batch, nz))
+    scale = np.abs(exact).max()
+    samples = _draws(get_rule(name), cfg, params, struct, batch, nz, 3000)
+    z, varying = _largest_z(samples, exact, scale)
+    bound = stats.norm.isf(1e-3 / (2 * varying))
+    assert z < bound, f"{name}: max |z| {z:.2f} ≥ {bound:.2f} over {varying} components"
+    eprop = flat(rule_gradient(get_rule("eprop"), cfg, params, struct, (), batch, nz)[1])
+    assert _largest_z(samples, eprop, scale)[0] > bound
+
+
+def test_uoro_is_unbiased_with_a_learned_initial_state_and_sparse_connections():
+    cfg = CASES["voltage-dale-sparse-s0"]
+    params, struct, batch, nz = draw(cfg, seed=22, mask="every")
+    exact = flat(_exact(cfg, params, struct, batch, nz))
+    z, varying = _largest_z(_draws(get_rule("uoro"), cfg, params, struct, batch, nz, 3000), exact, np.abs(exact).max())
+    assert z < stats.norm.isf(1e-3 / (2 * varying))
+
+
+def test_the_expected_update_jacobian_of_an_unbiased_rule_is_the_hessian():
+    """E[Ĵ] = ∂E[ĝ]/∂θ = H for an unbiased rule: Ĵv of single draws (the theory module's jvp
+    through the estimate) average to Hv within their sampling error."""
+    cfg = CASES["voltage-a0.3-tanh"]
+    params, struct, batch, nz = draw(cfg, seed=23, mask="every")
+    v = jax.random.normal(jax.random.PRNGKey(5), params.w_rec.shape).ravel()
+    g_exact, x0 = estimate_on_block(get_rule("bptt"), cfg, params, struct, (), batch)
+    hv = np.asarray(jacobian_vector_product(g_exact, x0, v))
+
+    def one(k):
+        g, _ = estimate_on_block(get_rule("uoro"), cfg, params, struct, (), batch, key=k, draws=1)
+        return jacobian_vector_product(g, x0, v)
+
+    samples = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(6), 3000)))
+    z, varying = _largest_z(samples, hv, np.abs(hv).max())
+    assert z < stats.norm.isf(1e-3 / (2 * varying))
+
+
+def test_kronecker_rules_refuse_a_learned_initial_state_and_keys_are_checked():
+    cfg = CASES["voltage-heterotau-s0"]
+    params, struct, batch, nz = draw(cfg, seed=1)
+    for name in ("kf_rtrl", "reverse_kf_rtrl"):
+        with pytest.raises(ValueError, match="learn_init_state = false, or use uoro"):
+            get_rule(name).check_model(cfg)
+    with pytest.raises(ValueError, match="stochastic: pass key"):
+        rule_gradient(get_rule("uoro"), cfg, params, struct, (), batch, nz)
+    with pytest.raises(ValueError, match="draws no random numbers"):
+        rule_gradient(get_rule("eprop"), cfg, params, struct, (), batch, nz, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        get_rule("snap", n=0)
+
+
+def test_alignment_of_a_stochastic_rule_reports_its_variance():
+    """Over draws: the mean estimate, the mean cosine, and the variance relative to ‖∇L‖², the
+    last against a direct computation from the same draws; zero for a deterministic rule."""
+    cfg = CASES["rate-a0.9-tanh"]
+    params, struct, batch, nz = draw(cfg, seed=24, mask="every")
+    key = jax.random.PRNGKey(3)
+    al = gradient_alignment(get_rule("kf_rtrl"), cfg, params, struct, (), batch, key=key, draws=6)
+    keys = jax.random.split(key, 6)
+    grads = np.stack([flat(rule_gradient(get_rule("kf_rtrl"), cfg, params, struct, (), batch, key=k)[1]) for k in keys])
+    exact = flat(al.exact)
+    np.testing.assert_allclose(flat(al.estimate), grads.mean(axis=0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(al.relative_variance, grads.var(axis=0, ddof=1).sum() / (exact @ exact), rtol=1e-10)
+    cosines = grads @ exact / np.linalg.norm(grads, axis=1) / np.linalg.norm(exact)
+    np.testing.assert_allclose(al.cosine, cosines.mean(), rtol=1e-10)
+    assert 0 < al.relative_variance
+    assert gradient_alignment(get_rule("bptt"), cfg, params, struct, (), batch).relative_variance == 0
+
+
+@pytest.mark.parametrize("name", ["snap", *STOCHASTIC])
+def test_every_new_rule_trains_with_the_probe_and_its_draws_follow_the_seed(name):
+    """In the compiled, seed-vmapped trainer: the loss falls, ρ and λ_max are finite, a stochastic
+    rule records its relative variance, and a seed's run is reproducible while seeds differ."""
+    from creditscape import model as M
+    from creditscape.objective import Batch
+    from creditscape.tasks import get_task, make_splits
+    from creditscape.train import CurvatureProbe, TrainConfig, to_device, train_ensemble
+
+    task = get_task("cue_recall", delay=3)
+    splits = make_splits(task, 64, 64, seed=0)
+    cfg = M.ModelConfig(task.n_in, 6, task.n_out, alpha=0.5)
+    probe = CurvatureProbe(to_device(Batch(*(a[:32] for a in splits.train))), block="w_rec", steps=10)
+    tcfg = TrainConfig(learning_rate=0.01, steps=40, eval_every=20, batch_size=16)
+    run = lambda seeds: train_ensemble(cfg, get_rule(name), tcfg, seeds, splits.train, probe=probe, progress=False)
+    res = run([0, 1])
+    assert np.all(res.diverged_at == -1)
+    assert np.all(res.evals["train_loss"][:, -1] < res.evals["train_loss"][:, 0])
+    assert np.all(np.isfinite(res.evals["rho"])) and np.all(np.isfinite(res.evals["lambda_max"]))
+    assert ("relative_variance" in res.evals) == (name in STOCHASTIC)
+    if name in STOCHASTIC:
+        assert np.all(res.evals["relative_variance"] > 0)
+    swapped = run([1, 0])  # the same program, members swapped: a seed's draws are its own
+    np.testing.assert_array_equal(swapped.losses[::-1], res.losses)
+    assert not np.array_equal(res.losses[0], res.losses[1])
