@@ -284,7 +284,7 @@ def test_readout_at_the_last_steps_scores_only_those(cfg):
                                rtol=1e-13)
     np.testing.assert_allclose(evaluate(windowed, params, struct, batch), evaluate(cfg, params, struct, cut), rtol=1e-13)
     for name in rule_names():
-        rule = get_rule(name, **({"allow_single_type": True} if name == "mdgl" else {}))
+        rule = get_rule(name, **({"allow_single_type": True} if name in ("mdgl", "modprop") else {}))
         try:
             rule.check_model(cfg)
         except ValueError:  # (the Kronecker-factored rules and a learned s0)

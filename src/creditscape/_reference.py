@@ -29,7 +29,7 @@ def _pieces(cfg, params, struct, x, xi, target, weights, feedback):
     s0_fn = lambda th: _model.initial_state(cfg, full(th), 1)[0]
     s = np.asarray(s0_fn(theta))
     ds0 = np.asarray(jax.jacobian(s0_fn)(theta))
-    out = {"J": [], "I": [], "c": [], "s_prev": [], "s": [], "ds0": ds0, "n_par": theta.shape[0]}
+    out = {"J": [], "I": [], "c": [], "L": [], "drds": [], "s_prev": [], "s": [], "ds0": ds0, "n_par": theta.shape[0]}
     for t in range(x.shape[0]):
         xi_t = None if xi is None else xi[t]
         args = (theta, jnp.asarray(s), x[t], xi_t)
@@ -44,6 +44,8 @@ def _pieces(cfg, params, struct, x, xi, target, weights, feedback):
         signal = np.asarray(feedback).T @ e  # learning signal w.r.t. r_t
         drds = np.asarray(jax.jacobian(lambda s_: _model.activity(cfg, s_))(jnp.asarray(s)))
         out["c"].append(signal @ drds)  # w.r.t. s_t
+        out["L"].append(signal)
+        out["drds"].append(drds)
     return out, unravel
 
 
@@ -80,11 +82,12 @@ def _snap_pattern(cfg, struct, pc, n):
 
 
 def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None = None, feedback=None,
-                       w_bar=None, xi=None, n: int | None = None):
+                       w_bar=None, xi=None, n: int | None = None, slope: float | None = None):
     """Recurrent-layer gradient (as a pytree like ``params`` with readout ``None``) of ``rule`` ∈
-    {"exact", "tbptt", "eprop", "mdgl", "snap"} by explicit path sums (SnAp: the masked recursion
-    written out). ``feedback`` (n_out × N) replaces W_out in the learning signal; ``w_bar`` is MDGL's
-    modulatory matrix; ``k`` the tbptt window; ``n`` SnAp's number of steps."""
+    {"exact", "tbptt", "eprop", "mdgl", "modprop", "snap"} by explicit path sums (SnAp: the masked
+    recursion written out). ``feedback`` (n_out × N) replaces W_out in the learning signal;
+    ``w_bar`` is MDGL's and ModProp's modulatory matrix; ``k`` the tbptt window; ``n`` SnAp's number
+    of steps or ModProp's number of hops; ``slope`` ModProp's μ (None: each unit's φ')."""
     feedback = params.w_out if feedback is None else feedback
     weights = np.asarray(loss_weights(cfg, batch.mask))
     total, unravel = None, None
@@ -117,6 +120,22 @@ def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None =
                     u_next = _u(cfg, params, struct, pc["s"][t - 1], x_next, None if xb is None else xb[t])
                     hop = _recurrent_hop(cfg, struct, pc["s"][t - 1], pc["s"][t], u_next, np.asarray(w_bar))
                     g += c[t + 1] @ hop @ elig[t]
+        elif rule == "modprop":  # Σ_t Σ_s L_{t+s} H_{t+s} ⋯ H_{t+1} (∂r_t/∂s_t) e_t, s ≤ n hops, in activities
+            elig = [pc["ds0"]]
+            for t in range(1, n_steps + 1):
+                elig.append(_leaks(cfg, struct) @ elig[-1] + pc["I"][t - 1])
+            dphi = lambda z: np.asarray(jax.vmap(jax.grad(cfg.phi))(jnp.asarray(z))) if slope is None else np.full(len(z), slope)
+            hop = [None, None]  # hop[t + 1] = ∂r_{t+1}/∂r_t through W̄ (1-based t)
+            for t in range(1, n_steps):
+                u_next = _u(cfg, params, struct, pc["s"][t - 1], batch.x[b][t], None if xb is None else xb[t])
+                receiving = dphi(pc["s"][t] if cfg.form == "voltage" else u_next)
+                hop.append((np.eye(cfg.n_rec) - _leaks(cfg, struct)) @ np.diag(receiving) @ np.asarray(w_bar))
+            for t in range(1, n_steps + 1):
+                carried = pc["drds"][t - 1] @ elig[t]
+                for s_ in range(0, min(n, n_steps - t) + 1):
+                    if s_:
+                        carried = hop[t + s_] @ carried
+                    g += pc["L"][t + s_ - 1] @ carried
         elif rule == "snap":
             pattern = _snap_pattern(cfg, struct, pc, n)
             m = pc["ds0"]

@@ -18,6 +18,7 @@ from creditscape.rules._eprop import RandomEProp as RandomEProp
 from creditscape.rules._eprop import RFLO as RFLO
 from creditscape.rules._mdgl import MDGL as MDGL
 from creditscape.rules._mdgl import modulatory_weights as modulatory_weights
+from creditscape.rules._modprop import ModProp as ModProp
 from creditscape.rules._snap import SnAp as SnAp
 from creditscape.rules._factored import UORO as UORO
 from creditscape.rules._factored import KFRTRL as KFRTRL
@@ -26,5 +27,5 @@ from creditscape.rules._factored import ReverseKFRTRL as ReverseKFRTRL
 __all__ = [
     "Rule", "RuleState", "register", "get_rule", "rule_class", "rule_names",
     "rule_gradient", "expected_gradient", "gradient_alignment", "Alignment",
-    "BPTT", "TruncatedBPTT", "RTRL", "EProp", "RandomEProp", "RFLO", "MDGL", "modulatory_weights", "SnAp", "UORO", "KFRTRL", "ReverseKFRTRL",
+    "BPTT", "TruncatedBPTT", "RTRL", "EProp", "RandomEProp", "RFLO", "MDGL", "modulatory_weights", "ModProp", "SnAp", "UORO", "KFRTRL", "ReverseKFRTRL",
 ]

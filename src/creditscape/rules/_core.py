@@ -57,6 +57,30 @@ def mdgl_hop(alpha, signal_next: jax.Array, slope_next: jax.Array, w_bar: jax.Ar
     return ((1 - alpha) * slope_next * signal_next) @ w_bar
 
 
+def _next(a: jax.Array) -> jax.Array:
+    """a_{t+1} at position t (B, T, ·), zero after the last step."""
+    return jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
+
+
+def modulated_signal(alpha, signal: jax.Array, slope: jax.Array, w_bar: jax.Array, hops: int | None) -> jax.Array:
+    """L̃_t = Σ_{s=0}^{hops} (R̄ᵀ)^s L_{t+s}: the learning signal plus s consecutive hops through W̄
+    (:func:`mdgl_hop`, R̄_{t+1}ᵀ carrying step t+1 back to t), for s up to ``hops`` (``None``: up
+    to the end of the sequence). ``hops=1`` is MDGL's signal. (B, T, N) arrays."""
+    if hops is None:  # Λ_t = L_t + R̄_{t+1}ᵀ Λ_{t+1}, backward in time
+        def back(carry, inp):
+            signal_t, slope_t = inp
+            out = signal_t + mdgl_hop(alpha, carry[0], carry[1], w_bar)
+            return (out, slope_t), out
+
+        zero = jnp.zeros_like(signal[:, 0])
+        _, out = jax.lax.scan(back, (zero, zero), (jnp.swapaxes(signal, 0, 1), jnp.swapaxes(slope, 0, 1)), reverse=True)
+        return jnp.swapaxes(out, 0, 1)
+    out = signal
+    for _ in range(hops):  # Λ^(k)_t = L_t + R̄_{t+1}ᵀ Λ^(k-1)_{t+1}
+        out = signal + mdgl_hop(alpha, _next(out), _next(slope), w_bar)
+    return out
+
+
 def trace_rule_offline(
     cfg: ModelConfig,
     params: Params,
@@ -65,10 +89,14 @@ def trace_rule_offline(
     noise: Noise,
     feedback: jax.Array,
     w_bar: jax.Array | None,
+    hops: int | None = 1,
+    mean_slope: bool = False,
 ) -> tuple[jax.Array, Params]:
     """Offline e-prop family: ĝ = ∇_θ Σ_t ⟨L̃_t, r̃_t(θ)⟩ + exact readout gradients, where r̃ is the
     network with r_{t-1} frozen at its forward-pass value c_{t-1} where (and only where) it enters
-    the recurrent drive, and L̃_t is computed from the forward pass.
+    the recurrent drive, and L̃_t is computed from the forward pass: L_t (no ``w_bar``), or L_t
+    plus up to ``hops`` consecutive hops through W̄ (:func:`modulated_signal`; ``None``: every
+    hop), at the receiving units' φ' or, with ``mean_slope``, at its mean μ over the batch.
 
     The frozen values and L̃ are computed outside the differentiated function rather than with
     ``stop_gradient``: reverse mode then ignores them as it should, while forward mode (``jvp``
@@ -94,9 +122,9 @@ def trace_rule_offline(
     signal = e @ feedback
     if w_bar is not None:
         slope = phi_prime(cfg, s if cfg.form == "voltage" else u)
-        slope_next = jnp.concatenate([slope[:, 1:], jnp.zeros_like(slope[:, :1])], axis=1)
-        signal_next = jnp.concatenate([signal[:, 1:], jnp.zeros_like(signal[:, :1])], axis=1)
-        signal = signal + mdgl_hop(_model.leak(cfg, struct), signal_next, slope_next, w_bar)
+        if mean_slope:
+            slope = jnp.full_like(slope, jnp.mean(slope))
+        signal = modulated_signal(_model.leak(cfg, struct), signal, slope, w_bar, hops)
     _, pullback = jax.vjp(truncated_activities, params)
     (g,) = pullback(signal)
     return loss, g._replace(w_out=g_w_out, b_out=g_b_out)
