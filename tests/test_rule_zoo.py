@@ -33,7 +33,7 @@ def test_snap_is_rtrl_when_its_pattern_is_full(case, n):
 
 
 @pytest.mark.parametrize("case, n", [("voltage-dale-sparse-s0", 1), ("voltage-dale-sparse-s0", 2),
-                                     ("rate-dale-types-s0-mse", 1), ("voltage-a0.9-relu", 1)])
+                                     ("rate-dale-types-s0-mse", 1), ("voltage-celltypes-selfconn-nobias", 1)])
 def test_snap_is_the_pattern_restricted_recursion(case, n):
     """Against the masked recursion written out with dense per-step Jacobians, its pattern found
     from the definition (tests _reference.py); on these cases the pattern is not full, so SnAp-n
@@ -45,6 +45,17 @@ def test_snap_is_the_pattern_restricted_recursion(case, n):
     assert_close(g._replace(w_out=None, b_out=None), expected)
     exact = flat(_exact(cfg, params, struct, batch, nz)._replace(w_out=None, b_out=None))
     assert np.abs(flat(expected) - exact).max() > 1e-3 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("case", ["voltage-a0.3-relu", "rate-a0.9-tanh", "voltage-dale-sparse-s0", "rate-heterotau-s0"])
+def test_snap_1_is_eprop_without_self_connections(case):
+    """J_t[i, i] is the leak alone when W_ii does not exist: SnAp-1's diagonal recursion is e-prop's
+    eligibility (with self-connections it differs: test_snap_is_the_pattern_restricted_recursion)."""
+    cfg = CASES[case]
+    params, struct, batch, nz = draw(cfg, seed=13, mask="random", noise=True)
+    assert_close(rule_gradient(get_rule("snap", n=1), cfg, params, struct, (), batch, nz)[1],
+                 rule_gradient(get_rule("eprop"), cfg, params, struct, (), batch, nz)[1])
+    assert get_rule("snap", n=1).computation(cfg) == get_rule("eprop").computation(cfg)
 
 
 def _draws(rule, cfg, params, struct, batch, nz, n_draws, seed=0):

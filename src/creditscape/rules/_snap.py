@@ -11,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.rules._base import Rule, register
 from creditscape.rules._core import forward_sensitivity, recurrent_part
+from creditscape.rules._eprop import EProp
 
 
 def snap_pattern(cfg: ModelConfig, params: Params, struct: Structure, n: int) -> jax.Array:
@@ -40,9 +41,11 @@ class SnAp(Rule):
 
     P_n keeps entry (k, θ) when unit k is reachable in at most n − 1 steps of the recurrent
     connectivity from the unit θ acts on (:func:`snap_pattern`). SnAp-1 keeps the immediate
-    influence only (unit i for W_ij): like e-prop's eligibility but carried by the full diagonal
-    J_t[i, i] (leak and self-connection), not the leak alone. On a dense network SnAp-2's pattern
-    is full and SnAp-2 = RTRL; on a sparse one, SnAp-n = RTRL once (I + A)^(n−1) is full.
+    influence only (unit i for W_ij), carried by the diagonal J_t[i, i]: the leak plus the
+    self-connection's term. Without self-connections (the default) J_t[i, i] = α_i and SnAp-1 is
+    e-prop exactly (tested); with them it is e-prop plus each unit's recurrence onto itself. On a
+    dense network SnAp-2's pattern is full and SnAp-2 = RTRL; on a sparse one, SnAp-n = RTRL once
+    (I + A)^(n−1) is full.
 
     Cost: this implementation runs RTRL's dense recursion under the mask, O(N·P) memory and
     O(N²·P) time per step and sequence (P ≈ N(N + n_in + 1)): small networks. A sparse one
@@ -62,6 +65,8 @@ class SnAp(Rule):
             raise ValueError(f"snap: n must be an integer >= 1 (steps of the sparsity pattern), got {self.n!r}.")
 
     def computation(self, cfg):
+        if self.n == 1 and not cfg.self_connections:
+            return EProp().computation(cfg)  # J_t[i, i] = α_i: e-prop's eligibility
         # On a fully connected network the 2-step pattern is already full: RTRL, the exact gradient.
         return ("bptt",) if self.n >= 2 and cfg.connectivity == 1 else super().computation(cfg)
 
