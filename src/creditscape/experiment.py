@@ -50,7 +50,7 @@ from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch
 from creditscape.sharpness import filter_normalized_direction, loss_slice, random_sharpness
 from creditscape.tasks import make_splits
-from creditscape.train import (Checkpoint, CurvatureProbe, TrainConfig, initial_network, learning_rate_multiplier,
+from creditscape.train import (EVAL_DRAWS, Checkpoint, CurvatureProbe, TrainConfig, initial_network, learning_rate_multiplier,
                                to_device, train_ensemble)
 
 if TYPE_CHECKING:
@@ -180,8 +180,10 @@ def update_map_eigenvalues(exp: Experiment, cell: Cell, spec: RuleSpec, batch: B
     @jax.jit
     @jax.vmap
     def hessenberg(params, struct, rule_state, seed):
+        # A stochastic rule's Ĵ: of its update averaged over EVAL_DRAWS fixed draws (theory.py).
+        draws = dict(key=jax.random.fold_in(jax.random.PRNGKey(seed), 12), draws=EVAL_DRAWS) if spec.rule.stochastic else {}
         g, x0 = estimate_on_block(spec.rule, cell.model, params, struct, rule_state, batch, m.curvature_block, l2,
-                                  form=spec.form)
+                                  form=spec.form, **draws)
         start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 11), x0.shape, x0.dtype)
         return arnoldi(lambda v: jacobian_vector_product(g, x0, v), start, min(m.arnoldi_steps, x0.shape[0]))
 
