@@ -178,9 +178,9 @@ def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1):
     cfg = model_config(n_rec, readout_steps)
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK, form=form)
     chunk = make_chunk(cfg, rule, tcfg)
-    states, structs, rs = init_ensemble(cfg, rule, tcfg, list(range(seeds)))
+    states, structs = init_ensemble(cfg, rule, tcfg, list(range(seeds)))
     # make_chunk donates its state argument: keep a copy to call it repeatedly on the same input.
-    return lambda: chunk(jax.tree.map(jnp.copy, states), structs, rs, train, 0, CHUNK)
+    return lambda: chunk(jax.tree.map(jnp.copy, states), structs, train, 0, CHUNK)
 
 
 def targets(r: dict) -> dict[str, tuple[str, bool | None]]:
@@ -307,10 +307,10 @@ def main():
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK)
     rule = get_rule("eprop")
     evaluator = make_evaluator(cfg, rule, tcfg, CurvatureProbe(batch, "w_rec", 0.0, 20))
-    states, structs, rs = init_ensemble(cfg, rule, tcfg, list(range(8)))
+    states, structs = init_ensemble(cfg, rule, tcfg, list(range(8)))
     sets = {name: Batch(*(a[i * 1024:(i + 1) * 1024] for a in train)) for i, name in enumerate(("train", "test", "noisy"))}
     v0 = jax.random.normal(jax.random.PRNGKey(2), (8, N * N))
-    t_eval = timed(evaluator, states.params, structs, rs, sets, Batch(*(a[:64] for a in train)), v0,
+    t_eval = timed(evaluator, states.params, structs, states.rule_state, sets, Batch(*(a[:64] for a in train)), v0,
                    states.opt_state, repeats=repeats)
     results["measurement_checkpoint_ms_8_seeds"] = 1e3 * t_eval
     print(f"one measurement checkpoint, 8 seeds: {1e3 * t_eval:.0f} ms = {t_eval / (8 * bptt):.1f} training steps "

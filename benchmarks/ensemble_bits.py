@@ -46,14 +46,14 @@ def main():
         rule = get_rule(rule_name)
         iteration = make_iteration(cfg, rule, tcfg)
 
-        def one(state, struct, rule_state, train_set):
-            return jax.lax.fori_loop(0, STEPS, lambda t, s: iteration(s, struct, rule_state, train_set)[0], state)
+        def one(state, struct, train_set):
+            return jax.lax.fori_loop(0, STEPS, lambda t, s: iteration(s, struct, train_set)[0], state)
 
-        ensemble = jax.vmap(one, in_axes=(0, 0, 0, None))
+        ensemble = jax.vmap(one, in_axes=(0, 0, None))
         eight, alone = init_ensemble(cfg, rule, tcfg, range(8)), init_ensemble(cfg, rule, tcfg, [0])
         one_device = jax.jit(ensemble)(*eight, train)
         by_jit = jax.jit(ensemble)(*layout.shard(eight), layout.replicate(train))
-        by_shard_map = jax.jit(jax.shard_map(ensemble, mesh=layout.mesh, in_specs=(members,) * 3 + (PartitionSpec(),),
+        by_shard_map = jax.jit(jax.shard_map(ensemble, mesh=layout.mesh, in_specs=(members,) * 2 + (PartitionSpec(),),
                                              out_specs=members, check_vma=False))(*layout.shard(eight),
                                                                                   layout.replicate(train))
         print(f"{optimizer:4s} {rule_name:5s}  alone vs among 8: {largest_difference(jax.jit(ensemble)(*alone, train), one_device, slice(0, 1)):.1e}"

@@ -42,9 +42,9 @@ def step(rule, form, train, n_rec):
                         connectivity=0.3)
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK, form=form)
     chunk = make_chunk(cfg, rule, tcfg)
-    states, structs, rs = init_ensemble(cfg, rule, tcfg, [0])
+    states, structs = init_ensemble(cfg, rule, tcfg, [0])
     # make_chunk donates its state argument: keep a copy to call it repeatedly on the same input.
-    return lambda: chunk(jax.tree.map(jnp.copy, states), structs, rs, train, 0, CHUNK)
+    return lambda: chunk(jax.tree.map(jnp.copy, states), structs, train, 0, CHUNK)
 
 
 def main():

@@ -70,9 +70,10 @@ def test_one_iteration_with_noisy_synapses_and_plasticity_is_the_written_update(
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.05, batch_size=8, weight_noise=0.1, update_noise=0.01,
                        update_noise_scale="absolute")
     rule = get_rule("eprop")
-    state, struct, rule_state = init_seed(cfg, rule, tcfg, 3, jnp.float64)
+    state, struct = init_seed(cfg, rule, tcfg, 3, jnp.float64)
+    rule_state = state.rule_state
     train_set = to_device(s.train)
-    new, _ = make_iteration(cfg, rule, tcfg)(state, struct, rule_state, train_set)
+    new, _ = make_iteration(cfg, rule, tcfg)(state, struct, train_set)
 
     _, k_batch, k_noise = jax.random.split(state.key, 3)
     idx = jax.random.randint(k_batch, (tcfg.batch_size,), 0, train_set.x.shape[0], dtype=jnp.int32)
@@ -94,9 +95,10 @@ def test_synaptic_noise_drawn_per_trial_is_the_mean_of_the_trials_estimates(cue)
     cfg = M.ModelConfig(task.n_in, 10, task.n_out, alpha=0.3, rec_noise=0.05)
     rule = get_rule("bptt")
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.05, batch_size=4, weight_noise=0.1, weight_noise_draw="trial")
-    state, struct, rule_state = init_seed(cfg, rule, tcfg, 3, jnp.float64)
+    state, struct = init_seed(cfg, rule, tcfg, 3, jnp.float64)
+    rule_state = state.rule_state
     train_set = to_device(s.train)
-    new, loss = make_iteration(cfg, rule, tcfg)(state, struct, rule_state, train_set)
+    new, loss = make_iteration(cfg, rule, tcfg)(state, struct, train_set)
 
     _, k_batch, k_noise = jax.random.split(state.key, 3)
     idx = jax.random.randint(k_batch, (4,), 0, train_set.x.shape[0], dtype=jnp.int32)

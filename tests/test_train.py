@@ -62,13 +62,13 @@ def test_divergence_is_per_seed_and_chunk_compiles_once(cue):
     chunk = make_chunk(cfg, rule, tcfg)
 
     def run(poison, pieces=((0, 10), (0, 10))):
-        states, structs, rs = init_ensemble(cfg, rule, tcfg, [0, 1, 2], jnp.float32)
+        states, structs = init_ensemble(cfg, rule, tcfg, [0, 1, 2], jnp.float32)
         if poison:
             w = states.params.w_rec.at[1].set(jnp.inf)
             states = states._replace(params=states.params._replace(w_rec=w))
         losses = []
         for start, stop in pieces:
-            states, l = chunk(states, structs, rs, train, start, stop)
+            states, l = chunk(states, structs, train, start, stop)
             losses.append(np.asarray(l)[:, start:stop])
             assert np.all(np.isnan(np.delete(np.asarray(l), np.s_[start:stop], axis=1)))
         return states, np.concatenate(losses, 1)
@@ -220,13 +220,13 @@ def test_preconditioned_sharpness_against_the_dense_hessian(cue):
     train = to_device(s.train)
     tcfg = TrainConfig(optimizer="adam", learning_rate=1e-2, steps=10, eval_every=10)
     rule = get_rule("bptt")
-    states, structs, rs = init_ensemble(cfg, rule, tcfg, [0, 1], jnp.float64)
+    states, structs = init_ensemble(cfg, rule, tcfg, [0, 1], jnp.float64)
     evaluator = make_evaluator(cfg, rule, tcfg, probe)
     v0 = jax.random.normal(jax.random.PRNGKey(1), (2, 25), jnp.float64)
-    before = evaluator(states.params, structs, rs, {}, batch, v0, states.opt_state)
+    before = evaluator(states.params, structs, states.rule_state, {}, batch, v0, states.opt_state)
     assert np.all(np.isnan(before["preconditioned_sharpness"]))
-    states, _ = make_chunk(cfg, rule, tcfg)(states, structs, rs, train, 0, 10)
-    after = evaluator(states.params, structs, rs, {}, batch, v0, states.opt_state)
+    states, _ = make_chunk(cfg, rule, tcfg)(states, structs, train, 0, 10)
+    after = evaluator(states.params, structs, states.rule_state, {}, batch, v0, states.opt_state)
     for i in range(2):
         member = jax.tree.map(lambda a: a[i], (states.params, structs, states.opt_state))
         h = dense_hessian(cfg, member[0], member[1], batch, "w_rec")
@@ -235,7 +235,7 @@ def test_preconditioned_sharpness_against_the_dense_hessian(cue):
         np.testing.assert_allclose(after["preconditioned_sharpness"][i], dense, rtol=1e-9)
         assert dense > 1.5 * after["lambda_max"][i]  # the preconditioner matters here
     sgd = make_evaluator(cfg, rule, dataclasses.replace(tcfg, optimizer="sgd"), probe)
-    assert "preconditioned_sharpness" not in sgd(states.params, structs, rs, {}, batch, v0, states.opt_state)
+    assert "preconditioned_sharpness" not in sgd(states.params, structs, states.rule_state, {}, batch, v0, states.opt_state)
 
 
 def test_history_on_a_subset_and_the_last_evaluation_on_the_whole_sets(cue):
@@ -266,8 +266,8 @@ def test_a_program_larger_than_the_device_is_refused_before_it_runs(cue):
     cfg = M.ModelConfig(task.n_in, 8, task.n_out)
     tcfg = TrainConfig(steps=10, eval_every=10)
     rule = get_rule("bptt")
-    states, structs, rs = init_ensemble(cfg, rule, tcfg, [0, 1], jnp.float32)
-    compiled = make_chunk(cfg, rule, tcfg).lower(states, structs, rs, to_device(s.train), 0, 10).compile()
+    states, structs = init_ensemble(cfg, rule, tcfg, [0, 1], jnp.float32)
+    compiled = make_chunk(cfg, rule, tcfg).lower(states, structs, to_device(s.train), 0, 10).compile()
     check_memory(compiled, "this", available=device_memory())  # fits
     with pytest.raises(MemoryError, match="this needs about .* GiB at once; this device has"):
         check_memory(compiled, "this", available=1024)

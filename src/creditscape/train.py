@@ -42,7 +42,7 @@ from creditscape.errors import DamagedFile
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, check_scored_steps, draw_noise, evaluate, l2_gradient, l2_penalty
 from creditscape.plasticity_noise import UPDATE_NOISE_SCALES, WEIGHT_NOISE_DRAWS, perturb_updates, perturb_weights
-from creditscape.rules import Rule, gradient_alignment, rule_gradient
+from creditscape.rules import Rule, RuleState, gradient_alignment, rule_gradient
 from creditscape.theory import estimate_on_block, jacobian_vector_product
 
 OPTIMIZERS = ("sgd", "adam")
@@ -160,10 +160,11 @@ class TrainState(NamedTuple):
     learning_rate: jax.Array  # base η of this member (the schedule multiplies it)
     smoothed_loss: jax.Array  # moving average of minibatch losses (NaN before the first)
     reached_at: jax.Array  # int32: iterations done when the smoothed loss reached the target, -1 if not
+    rule_state: RuleState  # the rule's state: fixed (random feedback) or learned along (Rule.learns)
 
 
 def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)] or [jnp.bool_(True)]))
 
 
 def initial_network(cfg: ModelConfig, seed, dtype=jnp.float32) -> tuple[Params, Structure]:
@@ -172,7 +173,7 @@ def initial_network(cfg: ModelConfig, seed, dtype=jnp.float32) -> tuple[Params, 
 
 
 def init_seed(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, seed, dtype=jnp.float32, learning_rate=None):
-    """(TrainState, Structure, rule state) of one seed; every random choice flows from ``seed``.
+    """(TrainState, Structure) of one seed; every random choice flows from ``seed``.
     ``learning_rate`` (default ``tcfg.learning_rate``) is the member's base η."""
     _, k_rule, k_train = jax.random.split(jax.random.PRNGKey(seed), 3)
     params, struct = initial_network(cfg, seed, dtype)
@@ -180,8 +181,8 @@ def init_seed(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, seed, dtype=jnp.f
     opt_state = make_optimizer(tcfg).init(params)
     lr = jnp.asarray(tcfg.learning_rate if learning_rate is None else learning_rate, dtype)
     state = TrainState(params, opt_state, k_train, jnp.int32(0), jnp.int32(-1), lr, jnp.asarray(jnp.nan, dtype),
-                       jnp.int32(-1))
-    return state, struct, rule_state
+                       jnp.int32(-1), rule_state)
+    return state, struct
 
 
 def _member_rates(tcfg, seeds: list, learning_rates) -> list:
@@ -193,7 +194,7 @@ def _member_rates(tcfg, seeds: list, learning_rates) -> list:
 
 
 def init_ensemble(cfg, rule, tcfg, seeds, dtype=jnp.float32, learning_rates=None):
-    """Stacked (TrainState, Structure, rule state) for ``seeds`` (member i: seed ``seeds[i]``,
+    """Stacked (TrainState, Structure) for ``seeds`` (member i: seed ``seeds[i]``,
     base η ``learning_rates[i]``, default ``tcfg.learning_rate`` for all)."""
     seeds = list(seeds)
     lrs = _member_rates(tcfg, seeds, learning_rates)
@@ -203,11 +204,14 @@ def init_ensemble(cfg, rule, tcfg, seeds, dtype=jnp.float32, learning_rates=None
 
 
 def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
-    """One training iteration of one seed: (state, struct, rule_state, train_set) → (state, loss)."""
+    """One training iteration of one seed: (state, struct, train_set) → (state, loss). A rule that
+    learns (``Rule.learns``) updates its state from the same batch and noise, at the parameters
+    the gradient was formed at."""
     optimizer = make_optimizer(tcfg)
     form = rule.check_form(tcfg.form)
 
-    def iteration(state: TrainState, struct: Structure, rule_state, train_set: Batch):
+    def iteration(state: TrainState, struct: Structure, train_set: Batch):
+        rule_state = state.rule_state
         key, k_batch, k_noise = jax.random.split(state.key, 3)
         idx = jax.random.randint(k_batch, (tcfg.batch_size,), 0, train_set.x.shape[0], dtype=jnp.int32)
         batch = jax.tree.map(lambda a: a[idx], train_set)
@@ -245,18 +249,21 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
         if tcfg.update_noise:
             updates = perturb_updates(updates, tcfg.update_noise, tcfg.update_noise_scale, jax.random.fold_in(k_noise, 2))
         params = _model.project(cfg, optax.apply_updates(state.params, updates), struct)
+        if rule.learns:  # (from the batch and noise of this iteration, the parameters ĝ was formed at)
+            rule_state = rule.learn(cfg, state.params, struct, rule_state, batch, noise, key=jax.random.fold_in(k_noise, 4))
         alive = (state.diverged_at < 0) & (state.reached_at < 0)
-        ok = jnp.isfinite(loss) & _all_finite(params)
+        ok = jnp.isfinite(loss) & _all_finite(params) & _all_finite(rule_state)
         keep = alive & ok
-        params, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(keep, new, old), (params, opt_state), (state.params, state.opt_state)
+        params, opt_state, rule_state = jax.tree.map(
+            lambda new, old: jnp.where(keep, new, old), (params, opt_state, rule_state),
+            (state.params, state.opt_state, state.rule_state)
         )
         diverged_at = jnp.where(alive & ~ok, state.step, state.diverged_at)
         reached_at = state.reached_at
         if tcfg.target_loss is not None:  # the update of this iteration is the last one
             reached_at = jnp.where(keep & (smoothed <= tcfg.target_loss), state.step + 1, reached_at)
         new_state = TrainState(params, opt_state, key, state.step + 1, diverged_at, state.learning_rate,
-                               jnp.where(keep, smoothed, state.smoothed_loss), reached_at)
+                               jnp.where(keep, smoothed, state.smoothed_loss), reached_at, rule_state)
         return new_state, jnp.where(keep, loss, jnp.nan)
 
     return iteration
@@ -265,29 +272,29 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
 def make_chunk(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
     """Compiled: iterations ``start`` to ``stop`` of a chunk of ``eval_every`` for every seed.
 
-    (states, structs, rule_states, train_set, start, stop) → (states, losses (seeds, eval_every)),
+    (states, structs, train_set, start, stop) → (states, losses (seeds, eval_every)),
     the losses of iterations [start, stop) in their places and NaN elsewhere. One program serves
     every split of a chunk (the bounds are traced), and the result does not depend on the split:
     each piece runs the same compiled iteration.
     """
     iteration = make_iteration(cfg, rule, tcfg)
 
-    def one_seed(state, struct, rule_state, train_set, start, stop):
+    def one_seed(state, struct, train_set, start, stop):
         def body(t, carry):
             state, losses = carry
-            state, loss = iteration(state, struct, rule_state, train_set)
+            state, loss = iteration(state, struct, train_set)
             return state, losses.at[t].set(loss)
 
         losses = jnp.full(tcfg.eval_every, jnp.nan, jnp.result_type(train_set.x, *jax.tree.leaves(state.params)))
         return jax.lax.fori_loop(start, stop, body, (state, losses))
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, None)), donate_argnums=0)
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None, None)), donate_argnums=0)
 
 
 PIECE_SECONDS = 1.0  # the longest a stop request waits for training (between two pieces)
 
 
-def _train_chunk(chunk, states, structs, rule_states, train_set, length: int, seconds_per_step: float | None):
+def _train_chunk(chunk, states, structs, train_set, length: int, seconds_per_step: float | None):
     """One chunk of ``length`` iterations, run in pieces of about :data:`PIECE_SECONDS` so that
     Ctrl-C is acted on within about that time however long the chunk. Returns (states, losses,
     measured seconds per iteration), the last to size the next chunk's pieces."""
@@ -297,7 +304,7 @@ def _train_chunk(chunk, states, structs, rule_states, train_set, length: int, se
         piece = 1 if seconds_per_step is None else max(1, int(PIECE_SECONDS / seconds_per_step))
         stop = min(length, start + piece)
         began = time.perf_counter()
-        states, part = chunk(states, structs, rule_states, train_set, start, stop)
+        states, part = chunk(states, structs, train_set, start, stop)
         losses[:, start:stop] = np.asarray(part)[:, start:stop]  # waits for the piece to finish
         seconds_per_step = (time.perf_counter() - began) / (stop - start)
         stopping.raise_if_requested()
@@ -580,7 +587,7 @@ def train_ensemble(
     lrs = _member_rates(tcfg, seeds, learning_rates)  # checked before padding hides a missing one
     # Padded members copy the last one; the checkpoint and the result hold the first n only.
     members = layout.padded(n)
-    states, structs, rule_states = layout.shard(init_ensemble(
+    states, structs = layout.shard(init_ensemble(
         cfg, rule, tcfg, pad_members(np.asarray(seeds), members), train_set.x.dtype,
         pad_members(np.asarray(lrs, dtype=np.float64), members)))
     chunk = make_chunk(cfg, rule, tcfg)
@@ -600,7 +607,7 @@ def train_ensemble(
     def record(states):
         nonlocal v
         start = time.perf_counter()
-        out = evaluator(states.params, structs, rule_states, history_sets, align_batch, v, states.opt_state)
+        out = evaluator(states.params, structs, states.rule_state, history_sets, align_batch, v, states.opt_state)
         seconds.append(time.perf_counter() - start)
         if probe is not None:
             v = layout.shard(jnp.asarray(out.pop("v1"))) + v_random
@@ -621,11 +628,11 @@ def train_ensemble(
         # Both programs compiled here, once, so that their sizes are checked before any work.
         bar.set_postfix_str("compiling…")
         what = f"{n} members with {rule.name}"
-        evaluator.program = evaluator.program.lower(states.params, structs, rule_states, history_sets, align_batch, v,
+        evaluator.program = evaluator.program.lower(states.params, structs, states.rule_state, history_sets, align_batch, v,
                                                     states.opt_state).compile()
         sharing = layout.count if jax.devices()[0].platform == "cpu" else 1  # host devices share the RAM
         check_memory(evaluator.program, f"Evaluating {what}", sharing=sharing)
-        chunk = chunk.lower(states, structs, rule_states, train_set, 0, tcfg.eval_every).compile()
+        chunk = chunk.lower(states, structs, train_set, 0, tcfg.eval_every).compile()
         check_memory(chunk, f"Training {what}", sharing=sharing)
         if not resumed:
             bar.set_postfix_str("measuring iteration 0…")
@@ -645,7 +652,7 @@ def train_ensemble(
                 if keep_trajectory:
                     trajectory.append(trajectory[-1])
             else:
-                states, chunk_losses, seconds_per_step = _train_chunk(chunk, states, structs, rule_states, train_set,
+                states, chunk_losses, seconds_per_step = _train_chunk(chunk, states, structs, train_set,
                                                                       tcfg.eval_every, seconds_per_step)
                 losses.append(chunk_losses)
                 record(states)
@@ -664,16 +671,15 @@ def train_ensemble(
         start = time.perf_counter()
         evals[-1] = {**evals[-1], **jax.device_get(make_set_evaluator(cfg)(states.params, structs, eval_sets))}
         seconds[-1] += time.perf_counter() - start
-    states, structs, rule_states, losses, evals, trajectory = first_members(
-        (states, structs, rule_states, losses, evals, trajectory), n)
+    states, structs, losses, evals, trajectory = first_members((states, structs, losses, evals, trajectory), n)
     # Gathered on one device: what measures the trained networks next is a one-device program. (Left
     # sharded, with the padding cut off, the members lie unevenly over the devices; a program on
     # them needs XLA's cross-device exchanges, and on CPU host devices one such program hung.)
-    states, structs, rule_states = jax.device_put((states, structs, rule_states), jax.local_devices()[0])
+    states, structs = jax.device_put((states, structs), jax.local_devices()[0])
     return TrainResult(
         params=states.params,
         structs=structs,
-        rule_states=rule_states,
+        rule_states=states.rule_state,
         diverged_at=np.asarray(states.diverged_at),
         reached_at=np.asarray(states.reached_at),
         losses=np.concatenate(losses, axis=1),

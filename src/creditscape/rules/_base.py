@@ -42,6 +42,7 @@ class Rule(abc.ABC):
     formula: ClassVar[str]  # one line, shown by ``creditscape rules``
     forms: ClassVar[tuple[str, ...]]  # supported forms; the first is the default
     stochastic: ClassVar[bool] = False  # draws random numbers from ``key`` in each estimate
+    learns: ClassVar[bool] = False  # its state holds auxiliary parameters updated by :meth:`learn`
 
     def init(self, cfg: ModelConfig, params: Params, struct: Structure, *, key: jax.Array) -> RuleState:
         """Draw the rule's fixed state (e.g. random feedback); ``()`` when it has none."""
@@ -63,6 +64,23 @@ class Rule(abc.ABC):
         """Return (exact loss of the batch, gradient estimate ĝ with the structure of ``params``).
         A stochastic rule's ``gradient`` also takes a keyword ``key``, a PRNG key for its draws;
         call rules through :func:`creditscape.rules.rule_gradient`, which passes it where needed."""
+
+    def learn(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        struct: Structure,
+        state: RuleState,
+        batch: Batch,
+        noise: Noise,
+        *,
+        key: jax.Array,
+    ) -> RuleState:
+        """The rule's state after one update of its auxiliary parameters on this batch (rules with
+        ``learns = True``, e.g. KeRNL's and DNI's predictors). The trainer calls it every
+        iteration, after :meth:`gradient`, at the same parameters; the state is saved and resumed
+        with the network."""
+        raise NotImplementedError(f"Rule {self.name!r} learns nothing (learns = False).")
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Refuse, with a ``ValueError`` that says what to change, a network on which this rule
