@@ -151,7 +151,7 @@ def test_alignment_of_a_stochastic_rule_reports_its_variance():
     assert gradient_alignment(get_rule("bptt"), cfg, params, struct, (), batch).relative_variance == 0
 
 
-@pytest.mark.parametrize("name", ["snap", "modprop", *STOCHASTIC])
+@pytest.mark.parametrize("name", ["snap", "modprop", *STOCHASTIC, "kernl", "dni"])
 def test_every_new_rule_trains_with_the_probe_and_its_draws_follow_the_seed(name):
     """In the compiled, seed-vmapped trainer: the loss falls, ρ and λ_max are finite, a stochastic
     rule records its relative variance, and a seed's run is reproducible while seeds differ."""
@@ -173,6 +173,10 @@ def test_every_new_rule_trains_with_the_probe_and_its_draws_follow_the_seed(name
     assert ("relative_variance" in res.evals) == (name in STOCHASTIC)
     if name in STOCHASTIC:
         assert np.all(res.evals["relative_variance"] > 0)
+    if name in ("kernl", "dni"):  # the auxiliary parameters moved, per seed
+        initial = jax.tree.leaves(get_rule(name).init(cfg, *M.init(cfg, jax.random.PRNGKey(0)), key=None))
+        for before, after in zip(initial, jax.tree.leaves(res.rule_states)):
+            assert not np.allclose(after[0], before) and not np.allclose(after[0], after[1])
     if name in STOCHASTIC:
         swapped = run([1, 0])  # the same program, members swapped: a seed's draws are its own
         np.testing.assert_array_equal(swapped.losses[::-1], res.losses)
@@ -226,3 +230,160 @@ def test_modprop_limits_eprop_mdgl_and_bptt(case):
     assert_close(g, _exact(no_leak, params, struct, batch, nz))
     _, g_mean = rule_gradient(get_rule("modprop", modulatory="exact"), no_leak, params, struct, (), batch, nz)
     assert np.abs(flat(g_mean) - flat(g)).max() > 1e-3 * np.abs(flat(g)).max()  # μ is an approximation
+
+
+AUX_CASES = ["voltage-a0.3-tanh", "rate-a0.9-tanh", "voltage-celltypes-selfconn-nobias", "rate-a0.0-relu"]
+
+
+@pytest.mark.parametrize("case", AUX_CASES)
+def test_kernl_starts_as_eprop_and_is_its_definition_at_any_state(case):
+    """At its initial state (A = I, κ = α) KeRNL is e-prop; at a random (A, κ) it is
+    Σ_t c_t A B_t with B_t = diag(κ) B_{t-1} + I_t written out with dense immediate terms."""
+    from creditscape.rules._auxiliary import KeRNLState
+
+    cfg = CASES[case]
+    params, struct, batch, nz = draw(cfg, seed=41, mask="random", noise=True)
+    rule = get_rule("kernl")
+    state = rule.init(cfg, params, struct, key=None)
+    assert_close(rule_gradient(rule, cfg, params, struct, state, batch, nz)[1],
+                 rule_gradient(get_rule("eprop"), cfg, params, struct, (), batch, nz)[1])
+    keys = jax.random.split(jax.random.PRNGKey(4), 2)
+    state = KeRNLState(jnp.eye(cfg.n_rec) + 0.3 * jax.random.normal(keys[0], (cfg.n_rec, cfg.n_rec)),
+                       jax.random.uniform(keys[1], (cfg.n_rec,)))
+    _, g = rule_gradient(rule, cfg, params, struct, state, batch, nz)
+    expected = ref.reference_gradient(cfg, params, struct, batch, "kernl", xi=nz.xi, sensitivity=state.sensitivity,
+                                      decay=state.decay)
+    assert_close(g._replace(w_out=None, b_out=None), expected)
+
+
+@pytest.mark.parametrize("case", AUX_CASES[:2])
+def test_kernl_learns_by_the_papers_update(case):
+    """One call of ``learn`` against the perturbation-prediction update transcribed step by step
+    (Roth et al. 2019, Algorithm 1, in Marschall et al.'s discrete form), same perturbation draws."""
+    from creditscape import model as M
+    from creditscape.rules._auxiliary import KeRNLState
+
+    cfg = CASES[case]
+    params, struct, batch, nz = draw(cfg, seed=42, mask="every", noise=True)
+    rule = get_rule("kernl", perturbation=1e-4, aux_learning_rate=0.5)
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    state = KeRNLState(jnp.eye(cfg.n_rec) + 0.2 * jax.random.normal(keys[0], (cfg.n_rec, cfg.n_rec)),
+                       jax.random.uniform(keys[1], (cfg.n_rec,), minval=0.2, maxval=0.9))
+    new = rule.learn(cfg, params, struct, state, batch, nz, key=keys[2])
+    n_b, n_t = batch.x.shape[:2]
+    xi = np.asarray(jax.random.normal(keys[2], (n_t, n_b, cfg.n_rec)))
+    a, kappa = np.asarray(state.sensitivity), np.asarray(state.decay)
+    grad_a, grad_kappa = np.zeros_like(a), np.zeros_like(kappa)
+    one = lambda s, b, t: np.asarray(M.step(cfg, params, struct, jnp.asarray(s)[None], nz.x[b, t][None],
+                                            None if nz.xi is None else nz.xi[b, t][None])[0][0])
+    for b in range(n_b):
+        s = perturbed = np.asarray(M.initial_state(cfg, params, 1)[0])
+        omega, gamma = np.zeros(cfg.n_rec), np.zeros(cfg.n_rec)
+        for t in range(n_t):
+            s, perturbed = one(s, b, t), one(perturbed, b, t) + rule.perturbation * xi[t, b]
+            gamma = kappa * gamma + omega  # ∂Ω_t/∂κ
+            omega = kappa * omega + xi[t, b]
+            error = a @ omega - (perturbed - s) / rule.perturbation
+            grad_a += np.outer(error, omega)
+            grad_kappa += (a.T @ error) * gamma
+    step = rule.aux_learning_rate / (n_b * n_t)
+    np.testing.assert_allclose(new.sensitivity, a - step * grad_a, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(new.decay, np.clip(kappa - step * grad_kappa, 0, 1), rtol=1e-9, atol=1e-12)
+
+
+def _dni_transcribed_update(cfg, params, struct, batch, nz, synthetic, rate):
+    """A − η mean_{b,t} (A ã_t − c*_t) ã_tᵀ, c*_t = B c_t + J_{t+1}ᵀ A ã_{t+1}, written out per sequence."""
+    from creditscape.objective import loss_weights
+
+    weights = np.asarray(loss_weights(cfg, batch.mask))
+    n_b, n_t = batch.x.shape[:2]
+    a = np.asarray(synthetic)
+    grad = np.zeros_like(a)
+    for b in range(n_b):
+        pc, _ = ref._pieces(cfg, params, struct, batch.x[b], None if nz.xi is None else nz.xi[b], batch.target[b],
+                            weights[b], params.w_out)
+        label = lambda t: (np.eye(cfg.n_out)[int(batch.target[b][t])] if cfg.loss == "xent"
+                           else np.asarray(batch.target[b][t])) * (weights[b][t] > 0)
+        inp = [np.concatenate([pc["s"][t], label(t), [1.0]]) for t in range(n_t)]
+        for t in range(n_t):
+            target = n_b * pc["c"][t] + (pc["J"][t + 1].T @ (a @ inp[t + 1]) if t + 1 < n_t else 0)
+            grad += np.outer(a @ inp[t] - target, inp[t])
+    return a - rate * grad / (n_b * n_t)
+
+
+@pytest.mark.parametrize("case", AUX_CASES[:2])
+def test_dni_is_its_definition_and_learns_by_the_bootstrapped_target(case):
+    cfg = CASES[case]
+    params, struct, batch, nz = draw(cfg, seed=43, mask="random", noise=True)
+    rule = get_rule("dni", aux_learning_rate=0.3)
+    zero = rule.init(cfg, params, struct, key=None)
+    assert np.all(np.asarray(rule_gradient(rule, cfg, params, struct, zero, batch, nz)[1].w_rec) == 0)
+    synthetic = 0.3 * jax.random.normal(jax.random.PRNGKey(6), zero.shape)
+    _, g = rule_gradient(rule, cfg, params, struct, synthetic, batch, nz)
+    assert_close(g._replace(w_out=None, b_out=None),
+                 ref.reference_gradient(cfg, params, struct, batch, "dni", xi=nz.xi, synthetic=synthetic))
+    np.testing.assert_allclose(rule.learn(cfg, params, struct, synthetic, batch, nz, key=None),
+                               _dni_transcribed_update(cfg, params, struct, batch, nz, synthetic, 0.3),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_dni_learned_on_a_fixed_network_aligns_with_bptt():
+    """The synthetic gradient, trained by its bootstrapped target on one batch of a fixed network,
+    comes to point where BPTT does (recurrent layer; it starts at zero)."""
+    cfg = CASES["rate-a0.0-relu"]
+    params, struct, batch, nz = draw(cfg, seed=44, mask="every")
+    rule = get_rule("dni")
+    learn = jax.jit(lambda a: rule.learn(cfg, params, struct, a, batch, nz, key=None))
+    recurrent = lambda g: np.concatenate([np.ravel(g.w_rec), np.ravel(g.w_in), np.ravel(g.b)])
+    exact = recurrent(_exact(cfg, params, struct, batch, nz))
+
+    def cosine(synthetic):
+        dni = recurrent(rule_gradient(rule, cfg, params, struct, synthetic, batch, nz)[1])
+        return dni @ exact / np.linalg.norm(dni) / np.linalg.norm(exact)
+
+    synthetic = rule.init(cfg, params, struct, key=None)
+    cosines = []
+    for i in range(1000):
+        synthetic = learn(synthetic)
+        if i + 1 in (10, 1000):
+            cosines.append(cosine(synthetic))
+    assert cosines[1] > max(0.8, cosines[0] + 0.1), cosines
+
+
+def test_a_learned_rule_state_is_checkpointed_and_resumed_bit_identically(tmp_path, monkeypatch):
+    """KeRNL's A and κ are part of the training state: a run stopped after its second chunk and
+    started again ends where an uninterrupted run ends, bit for bit, rule state included."""
+    from creditscape import model as M
+    from creditscape import stopping
+    from creditscape import train as T
+    from creditscape.tasks import get_task, make_splits
+
+    task = get_task("cue_recall", delay=3)
+    splits = make_splits(task, 64, 64, seed=0)
+    cfg = M.ModelConfig(task.n_in, 6, task.n_out, alpha=0.5)
+    tcfg = T.TrainConfig(learning_rate=0.01, steps=60, eval_every=20, batch_size=16)
+    run = lambda checkpoint: T.train_ensemble(cfg, get_rule("kernl"), tcfg, [0, 1], splits.train,
+                                              checkpoint=checkpoint, progress=False)
+    whole = run(None)
+    original, chunks = T._train_chunk, []
+
+    def stop_after_two(*args, **kwargs):
+        out = original(*args, **kwargs)
+        chunks.append(1)
+        if len(chunks) == 2:
+            stopping.requested.set()
+        return out
+
+    monkeypatch.setattr(T, "_train_chunk", stop_after_two)
+    checkpoint = T.Checkpoint(tmp_path / "run.npz", every_seconds=0.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(checkpoint)
+    finally:
+        stopping.requested.clear()
+    monkeypatch.setattr(T, "_train_chunk", original)
+    resumed = run(checkpoint)
+    assert resumed.restored_evaluations == 3
+    np.testing.assert_array_equal(resumed.losses, whole.losses)
+    for a, b in zip(jax.tree.leaves((resumed.params, resumed.rule_states)), jax.tree.leaves((whole.params, whole.rule_states))):
+        np.testing.assert_array_equal(a, b)

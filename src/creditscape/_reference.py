@@ -82,10 +82,12 @@ def _snap_pattern(cfg, struct, pc, n):
 
 
 def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None = None, feedback=None,
-                       w_bar=None, xi=None, n: int | None = None, slope: float | None = None):
+                       w_bar=None, xi=None, n: int | None = None, slope: float | None = None, sensitivity=None,
+                       decay=None, synthetic=None):
     """Recurrent-layer gradient (as a pytree like ``params`` with readout ``None``) of ``rule`` ∈
-    {"exact", "tbptt", "eprop", "mdgl", "modprop", "snap"} by explicit path sums (SnAp: the masked
-    recursion written out). ``feedback`` (n_out × N) replaces W_out in the learning signal;
+    {"exact", "tbptt", "eprop", "mdgl", "modprop", "snap", "kernl", "dni"} by explicit path sums
+    (SnAp: the masked recursion written out; KeRNL with its ``sensitivity`` A and ``decay`` κ, DNI
+    with its ``synthetic`` A). ``feedback`` (n_out × N) replaces W_out in the learning signal;
     ``w_bar`` is MDGL's and ModProp's modulatory matrix; ``k`` the tbptt window; ``n`` SnAp's number
     of steps or ModProp's number of hops; ``slope`` ModProp's μ (None: each unit's φ')."""
     feedback = params.w_out if feedback is None else feedback
@@ -136,6 +138,18 @@ def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None =
                     if s_:
                         carried = hop[t + s_] @ carried
                     g += pc["L"][t + s_ - 1] @ carried
+        elif rule == "kernl":  # Σ_t c_t A B_t, B_t = diag(κ) B_{t-1} + I_t (no learned s0)
+            elig = np.zeros_like(pc["I"][0])
+            for t in range(1, n_steps + 1):
+                elig = np.diag(np.asarray(decay)) @ elig + pc["I"][t - 1]
+                g += c[t] @ np.asarray(sensitivity) @ elig
+        elif rule == "dni":  # (1/B) Σ_t (A ã_t) I_t, ã_t = [s_t, y*_t, 1] (no learned s0)
+            for t in range(1, n_steps + 1):
+                scored = weights[b][t - 1] > 0
+                label = (np.eye(cfg.n_out)[int(batch.target[b][t - 1])] if cfg.loss == "xent"
+                         else np.asarray(batch.target[b][t - 1])) * scored
+                a_tilde = np.concatenate([pc["s"][t - 1], label, [1.0]])
+                g += (np.asarray(synthetic) @ a_tilde) @ pc["I"][t - 1] / batch.x.shape[0]
         elif rule == "snap":
             pattern = _snap_pattern(cfg, struct, pc, n)
             m = pc["ds0"]

@@ -489,7 +489,8 @@ class Checkpoint:
     """Where and how often :func:`train_ensemble` saves its progress.
 
     The file holds the whole ensemble state after the last finished chunk (parameters, optimizer
-    state, random keys, Lanczos warm start) and everything recorded so far, written atomically.
+    state, random keys, the rule's state, Lanczos warm start) and everything recorded so far, written
+    atomically.
     Training started again with the same arguments continues from it and produces results
     bit-identical to an uninterrupted run. ``every_seconds = 0`` saves after every chunk.
     """

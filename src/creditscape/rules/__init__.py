@@ -23,9 +23,11 @@ from creditscape.rules._snap import SnAp as SnAp
 from creditscape.rules._factored import UORO as UORO
 from creditscape.rules._factored import KFRTRL as KFRTRL
 from creditscape.rules._factored import ReverseKFRTRL as ReverseKFRTRL
+from creditscape.rules._auxiliary import DNI as DNI
+from creditscape.rules._auxiliary import KeRNL as KeRNL
 
 __all__ = [
     "Rule", "RuleState", "register", "get_rule", "rule_class", "rule_names",
     "rule_gradient", "expected_gradient", "gradient_alignment", "Alignment",
-    "BPTT", "TruncatedBPTT", "RTRL", "EProp", "RandomEProp", "RFLO", "MDGL", "modulatory_weights", "ModProp", "SnAp", "UORO", "KFRTRL", "ReverseKFRTRL",
+    "BPTT", "TruncatedBPTT", "RTRL", "EProp", "RandomEProp", "RFLO", "MDGL", "modulatory_weights", "ModProp", "SnAp", "UORO", "KFRTRL", "ReverseKFRTRL", "KeRNL", "DNI",
 ]

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from creditscape import model as _model
 from creditscape.rules._base import Rule, register
 from creditscape.rules._core import (
-    drive_slope, flat_step, presynaptic_gradient, presynaptic_input, step_signal, time_major, with_readout,
+    drive_slope, flat_step, online_estimate, presynaptic_gradient, presynaptic_input, refuse_learned_initial_state,
+    with_readout,
 )
 
 
@@ -52,34 +53,6 @@ def _per_sequence_pullback(fn, theta, cotangent, *batched):
     """ν_bᵀ ∂fn(θ, *batched_b)/∂θ for each sequence b (fn maps θ and one sequence's arguments to
     one sequence's (N,) output)."""
     return jax.vmap(lambda c, *a: jax.vjp(lambda th: fn(th, *a), theta)[1](c)[0])(cotangent, *batched)
-
-
-def _scan(cfg, params, struct, batch, noise, key, factors0, advance, credit, g0):
-    """(loss, Σ_t credit(M̂_t, c_t)), M̂_t = advance(M̂_{t-1}, s_{t-1}, x_t, ξ_t, key_t) → (s_t, M̂_t),
-    with the exact readout gradient added by the caller."""
-    n_steps = batch.x.shape[1]
-
-    def body(carry, inp):
-        s_prev, factors, loss, g = carry
-        (x_t, xi_t, w_t, target_t), k_t = inp
-        s, factors = advance(factors, s_prev, x_t, xi_t, k_t)
-        loss_t, c_t = step_signal(cfg, params, w_t, target_t, s)
-        return (s, factors, loss + loss_t, g + credit(factors, c_t)), None
-
-    s_init = _model.initial_state(cfg, params, batch.x.shape[0])
-    carry0 = (s_init, factors0, jnp.zeros((), g0.dtype), g0)
-    inputs = (time_major(cfg, batch, noise), jax.random.split(key, n_steps))
-    (_, _, loss, g), _ = jax.lax.scan(body, carry0, inputs)
-    return loss, g
-
-
-def _refuse_learned_initial_state(rule: Rule, cfg) -> None:
-    if cfg.learn_init_state:
-        raise ValueError(
-            f"{rule.name}: the Kronecker factors describe weights acting on [r, x, 1]; a learned initial "
-            "state s0 has no such factor. Set model.learn_init_state = false, or use uoro, which estimates "
-            "every parameter's influence."
-        )
 
 
 @register
@@ -132,7 +105,7 @@ class UORO(Rule):
             u_tilde, theta_tilde = factors
             return jnp.einsum("b,bp->p", jnp.sum(c_t * u_tilde, axis=1), theta_tilde)
 
-        loss, g = _scan(cfg, params, struct, batch, noise, k_steps, factors0, advance, credit,
+        loss, g = online_estimate(cfg, params, struct, batch, noise, k_steps, factors0, advance, credit,
                         jnp.zeros_like(flat.theta))
         return loss, with_readout(cfg, params, struct, noise, batch, flat.unravel(g))
 
@@ -151,7 +124,7 @@ def _kronecker_estimate(cfg, params, struct, batch, noise, key, factors0, update
         return s, factors
 
     g0 = jnp.zeros((cfg.n_rec, cfg.n_rec + cfg.n_in + 1), params.w_rec.dtype)
-    loss, g = _scan(cfg, params, struct, batch, noise, key, factors0, advance, credit, g0)
+    loss, g = online_estimate(cfg, params, struct, batch, noise, key, factors0, advance, credit, g0)
     return loss, with_readout(cfg, params, struct, noise, batch, presynaptic_gradient(cfg, params, struct, g))
 
 
@@ -164,7 +137,7 @@ class _KroneckerRule(Rule):
     stochastic = True
 
     def check_model(self, cfg):
-        _refuse_learned_initial_state(self, cfg)
+        refuse_learned_initial_state(self.name, cfg, "the Kronecker factors describe weights acting on [r, x, 1]")
 
     def gradient(self, cfg, params, struct, state, batch, noise, *, form, key):
         self.check_form(form)
