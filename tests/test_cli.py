@@ -134,6 +134,17 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path, capsys):
     # A results folder that cannot be made is a message, not a traceback.
     assert main(["run", "--config", str(cfg), "--out", str(out / "report.md" / "x"), "--quiet"]) == 2
     assert "Cannot create the results folder" in capsys.readouterr().err
+    # Rules appended to the list keep the runs already there (not retrained) and run only the new
+    # one; a rule taken out is a different configuration.
+    before = {p.name: p.read_bytes() for p in (out / "runs").glob("*.npz")}
+    cfg.write_text(TINY.replace('{name = "eprop", form = "online"}]', '{name = "eprop", form = "online"}, "uoro"]'))
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    now = {p.name: p.read_bytes() for p in (out / "runs").glob("*.npz")}
+    assert set(now) - set(before) == {"c00-r02-uoro.npz"} and all(now[k] == v for k, v in before.items())
+    cfg.write_text(TINY.replace('rules = ["bptt", ', 'rules = ['))
+    capsys.readouterr()
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "different configuration" in capsys.readouterr().err
 
 
 def _check_whole_set_eigenvalue(exp, out, table):

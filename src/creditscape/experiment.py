@@ -482,7 +482,13 @@ def _run_experiment(exp: Experiment, out: Path, progress: bool, checkpoint_secon
     resolved = resolved_dict(exp)
     holds_results = any((out / "runs").glob("*.npz"))  # finished runs or checkpoints
     if config_path.exists() and holds_results:  # (a folder without any is free to take a new config)
-        changed = _differences(json.loads(config_path.read_text()), json.loads(json.dumps(resolved)))
+        old, new = json.loads(config_path.read_text()), json.loads(json.dumps(resolved))
+        if len(new["rules"]) > len(old["rules"]) and new["rules"][:len(old["rules"])] == old["rules"]:
+            # Rules appended: a run's file is named by its rule's place, so the runs there stay valid.
+            log(f"[creditscape] {len(new['rules']) - len(old['rules'])} rule(s) added to {out}; "
+                "the runs already there are kept.")
+            old = {**old, "rules": new["rules"]}
+        changed = _differences(old, new)
         if changed:
             raise ResultsFolderError(
                 f"{out} holds results of a different configuration (see {config_path}); changed: "
