@@ -2,7 +2,8 @@
 
     python benchmarks/rule_zoo.py [--quick] [--json OUT.json]
 
-Each rule's compiled training step (one seed, a chunk of ``CHUNK`` iterations, plain SGD) on the
+Each rule's compiled training step (one seed, a chunk of ``CHUNK`` iterations, plain SGD; for
+KeRNL and DNI the update of their auxiliary parameters included) on the
 sequential-MNIST shape (T = 28, 28 inputs, 10 classes, a last-step readout) at N = 32 and N = 128
 with a batch of 32, as a ratio to BPTT's step on the same shape, BPTT timed in alternation with
 each rule (:func:`bench.paired`). SnAp-n and RTRL run the dense forward-sensitivity recursion
@@ -32,6 +33,8 @@ RULES = [  # (label, rule name, options, form, largest N it is timed at)
     ("uoro", "uoro", {}, "online", 128),
     ("kf_rtrl", "kf_rtrl", {}, "online", 128),
     ("reverse_kf_rtrl", "reverse_kf_rtrl", {}, "online", 128),
+    ("kernl", "kernl", {}, "online", 128),
+    ("dni", "dni", {}, "online", 128),
     ("snap n=2", "snap", {"n": 2}, "online", 32),
     ("rtrl", "rtrl", {}, "online", 32),
 ]

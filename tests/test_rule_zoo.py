@@ -18,6 +18,12 @@ CASES = dict(model_cases())
 STOCHASTIC = ("uoro", "kf_rtrl", "reverse_kf_rtrl")
 
 
+def light_or_heavy(values, light):
+    """pytest parameters over ``values``, those not in ``light`` marked heavy (``pytest -m heavy``)."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=() if v in light else pytest.mark.heavy)
+            for v in values]
+
+
 def _exact(cfg, params, struct, batch, nz):
     return rule_gradient(get_rule("bptt"), cfg, params, struct, (), batch, nz)[1]
 
@@ -75,8 +81,9 @@ def _largest_z(samples, target, scale):
     return z.max(), int(varies.sum())
 
 
-@pytest.mark.parametrize("name", STOCHASTIC)
-@pytest.mark.parametrize("case", ["voltage-a0.3-tanh", "rate-a0.9-tanh", "voltage-celltypes-selfconn-nobias"])
+@pytest.mark.parametrize("name, case", light_or_heavy(
+    [(n, c) for n in STOCHASTIC for c in ("voltage-a0.3-tanh", "rate-a0.9-tanh", "voltage-celltypes-selfconn-nobias")],
+    {("uoro", "voltage-a0.3-tanh"), ("kf_rtrl", "rate-a0.9-tanh"), ("reverse_kf_rtrl", "voltage-celltypes-selfconn-nobias")}))
 def test_stochastic_rules_are_unbiased(name, case):
     """The mean of n draws is the exact gradient within the error the draws' own spread predicts:
     every component's z = (mean − ∇L)/(sd/√n) below the Bonferroni bound of a 1e-3 family-wise
@@ -151,7 +158,7 @@ def test_alignment_of_a_stochastic_rule_reports_its_variance():
     assert gradient_alignment(get_rule("bptt"), cfg, params, struct, (), batch).relative_variance == 0
 
 
-@pytest.mark.parametrize("name", ["snap", "modprop", *STOCHASTIC, "kernl", "dni"])
+@pytest.mark.parametrize("name", light_or_heavy(["snap", "modprop", *STOCHASTIC, "kernl", "dni"], {"modprop", "uoro", "kernl"}))
 def test_every_new_rule_trains_with_the_probe_and_its_draws_follow_the_seed(name):
     """In the compiled, seed-vmapped trainer: the loss falls, ρ and λ_max are finite, a stochastic
     rule records its relative variance, and a seed's run is reproducible while seeds differ."""
@@ -193,9 +200,9 @@ def _mean_slope(cfg, params, struct, nz):
     return float(np.mean(np.asarray(phi_prime(cfg, s if cfg.form == "voltage" else u))))
 
 
-@pytest.mark.parametrize("case", MODPROP_CASES)
-@pytest.mark.parametrize("hops", [2, 3, None])
-@pytest.mark.parametrize("slope", ["mean", "exact"])
+@pytest.mark.parametrize("case, hops, slope", light_or_heavy(
+    [(c, h, sl) for c in MODPROP_CASES for h in (2, 3, None) for sl in ("mean", "exact")],
+    {(c, h, sl) for c in MODPROP_CASES for h, sl in ((None, "mean"), (2, "exact"))}))
 def test_modprop_is_its_path_sum(case, hops, slope):
     """Against the written-out sum over s consecutive hops of dense R̄ matrices (tests/_reference)."""
     from creditscape.rules import modulatory_weights
