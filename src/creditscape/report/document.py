@@ -18,7 +18,7 @@ from creditscape.report import stats as S
 SIGNIFICANCE = 0.05  # on Benjamini–Hochberg adjusted p-values
 FIT_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "gap_loss", "perturbed_gap")
 CURVATURE_COLUMNS = ("lambda_max", "lambda_residual", "lambda_gap", "lambda_max_all", "trace", "rho", "sharpness_random",
-                     "alignment_recurrent")
+                     "alignment_recurrent", "relative_variance")
 
 
 def number(x, digits: int = 3) -> str:
@@ -410,7 +410,9 @@ def _definitions(config: dict) -> str:
         "loss. ρ = v₁ᵀĴv₁/λ₁: the rule's gain along the top Hessian eigenvector v₁ (Ĵ = ∂ĝ/∂θ on the same block); "
         "under SGD with step η(t) the rule can be stable up to λ_max ≈ 2(1+β)/(η(t)ρ) instead of 2(1+β)/η(t). "
         f"sharpness_random: mean loss increase under random weight perturbations of relative scale "
-        f"{m['sharpness_scale']}. Tables give the median [first quartile, third quartile] over non-diverged runs. "
+        f"{m['sharpness_scale']}. alignment_recurrent: cosine of the rule's estimate with the exact gradient over "
+        "the recurrent layer; for a stochastic rule (UORO, KF-RTRL, …) the mean over 8 draws, its ρ that of the "
+        "update averaged over them, and relative_variance = E‖ĝ − Eĝ‖²/‖∇L‖² over those draws. Tables give the median [first quartile, third quartile] over non-diverged runs. "
         "Statistics: a condition against BPTT at the same grid point by the difference of medians, with a "
         "percentile bootstrap 95% interval (runs resampled within each group) and a two-sided permutation test; "
         "correlations by Spearman's ρ within each condition and pooled with the condition as a stratum (ranks "
