@@ -1,13 +1,13 @@
 """The online-rule taxonomy's training steps against BPTT's, measured side by side in one run.
 
-    python benchmarks/rule_zoo.py [--quick] [--json OUT.json]
+    python benchmarks/rule_zoo.py [--quick] [--sizes 32 128] [--json OUT.json]
 
 Each rule's compiled training step (one seed, a chunk of ``CHUNK`` iterations, plain SGD; for
 KeRNL and DNI the update of their auxiliary parameters included) on the
 sequential-MNIST shape (T = 28, 28 inputs, 10 classes, a last-step readout) at N = 32 and N = 128
 with a batch of 32, as a ratio to BPTT's step on the same shape, BPTT timed in alternation with
 each rule (:func:`bench.paired`). SnAp-n and RTRL run the dense forward-sensitivity recursion
-(O(N·P) numbers per sequence, P ≈ N²): timed at N = 32 only. Networks have Dale's law (MDGL and
+(O(N·P) numbers per sequence, P ≈ N²): timed at N = 32 only, in one round (a step takes seconds). Networks have Dale's law (MDGL and
 ModProp need cell types) and 30 % connectivity (SnAp-2's pattern is then not full).
 """
 
@@ -53,18 +53,20 @@ def step(rule, form, train, n_rec):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one round per rule (smoke test)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 128], help="network sizes N")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     train = data(n=1024)
     results = {"device": str(jax.devices()[0]), "shape": dict(T=T, B=B), "chunk": CHUNK, "rules": {}}
     print(f"device {results['device']}; T={T} B={B}, ms per training step and ratio to BPTT's")
-    for n_rec in (32, 128):
+    for n_rec in args.sizes:
         bptt = step(get_rule("bptt"), None, train, n_rec)
         for label, name, opts, form, largest in RULES:
             if n_rec > largest:
                 continue
+            slow = name in ("snap", "rtrl")
             t_bptt, t_rule, ratio = paired(bptt, step(get_rule(name, **opts), form, train, n_rec),
-                                           rounds=1 if args.quick else 3, repeats=2 if args.quick else 3)
+                                           rounds=1 if args.quick or slow else 3, repeats=1 if slow else 2 if args.quick else 3)
             results["rules"][f"{label} N={n_rec}"] = {"ms_per_step": 1e3 * t_rule / CHUNK,
                                                      "bptt_ms_per_step": 1e3 * t_bptt / CHUNK, "over_bptt": ratio}
             print(f"  N={n_rec:3d} {label:20s} {1e3 * t_rule / CHUNK:9.2f} ms/step = {ratio:7.2f} x bptt "
