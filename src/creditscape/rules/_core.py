@@ -358,8 +358,8 @@ def with_readout(cfg: ModelConfig, params: Params, struct: Structure, noise: Noi
 
 
 def online_estimate(cfg: ModelConfig, params: Params, struct: Structure, batch: Batch, noise: Noise,
-                    key: jax.Array | None, carried0, advance: Callable, credit: Callable, g0: jax.Array):
-    """(loss, Σ_t credit(m_t, c_t)) of a forward-in-time rule: m_t = what the rule carries, from
+                    key: jax.Array | None, carried0, advance: Callable, credit: Callable, g0):
+    """(loss, Σ_t credit(m_t, c_t)) of a forward-in-time rule (``g0``: zeros shaped as credit's pytree): m_t = what the rule carries, from
     ``advance(m_{t-1}, s_{t-1}, x_t, ξ_t, key_t) → (s_t, m_t)`` (``key_t`` from ``key`` split per
     step, or None), c_t = ∂ℓ_t/∂s_t. The caller adds the exact readout gradient."""
     n_steps = batch.x.shape[1]
@@ -369,10 +369,10 @@ def online_estimate(cfg: ModelConfig, params: Params, struct: Structure, batch: 
         (x_t, xi_t, w_t, target_t), k_t = inp
         s, carried = advance(carried, s_prev, x_t, xi_t, k_t)
         loss_t, c_t = step_signal(cfg, params, w_t, target_t, s)
-        return (s, carried, loss + loss_t, g + credit(carried, c_t)), None
+        return (s, carried, loss + loss_t, jax.tree.map(jnp.add, g, credit(carried, c_t))), None
 
     s_init = _model.initial_state(cfg, params, batch.x.shape[0])
-    carry0 = (s_init, carried0, jnp.zeros((), g0.dtype), g0)
+    carry0 = (s_init, carried0, jnp.zeros((), params.w_rec.dtype), g0)
     keys = None if key is None else jax.random.split(key, n_steps)
     (_, _, loss, g), _ = jax.lax.scan(body, carry0, (time_major(cfg, batch, noise), keys))
     return loss, g

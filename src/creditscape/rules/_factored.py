@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from creditscape import model as _model
 from creditscape.rules._base import Rule, register
 from creditscape.rules._core import (
-    drive_slope, flat_step, online_estimate, presynaptic_gradient, presynaptic_input, refuse_learned_initial_state,
+    drive_slope, online_estimate, presynaptic_gradient, presynaptic_input, refuse_learned_initial_state,
     with_readout,
 )
 
@@ -39,20 +39,14 @@ def balance(norm_a: jax.Array, norm_b: jax.Array) -> jax.Array:
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, norm_a, 1.0) / jnp.where(ok, norm_b, 1.0)), 1.0)
 
 
-def _norm(a: jax.Array) -> jax.Array:
-    """Per-sequence Frobenius norm of a (B, ...) array."""
-    return jnp.sqrt(jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=1))
+def _norm(*arrays: jax.Array) -> jax.Array:
+    """Per-sequence Frobenius norm of (B, ...) arrays taken together."""
+    return jnp.sqrt(sum(jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=1) for a in arrays))
 
 
 def _column(v: jax.Array) -> jax.Array:
     """A per-sequence scalar (B,) as (B, 1), to scale a (B, ·) factor."""
     return v[:, None]
-
-
-def _per_sequence_pullback(fn, theta, cotangent, *batched):
-    """ν_bᵀ ∂fn(θ, *batched_b)/∂θ for each sequence b (fn maps θ and one sequence's arguments to
-    one sequence's (N,) output)."""
-    return jax.vmap(lambda c, *a: jax.vjp(lambda th: fn(th, *a), theta)[1](c)[0])(cotangent, *batched)
 
 
 @register
@@ -67,7 +61,7 @@ class UORO(Rule):
     with ν_t ∈ {±1}^N, ρ₀ = √(‖θ̃_{t-1}‖/‖J_t ũ_{t-1}‖), ρ₁ = √(‖ν_tᵀ I_t‖/‖ν_t‖), so that
     E[ũ_t θ̃_tᵀ] = M_t and E[ĝ] = ∇L. Every recurrent-layer parameter (s0 included: θ̃_0 = ν_0ᵀ
     ∂s_0/∂θ, ũ_0 = ν_0) is estimated. Per step and sequence: one Jacobian-vector product J_t ũ and
-    one vector-Jacobian product ν_tᵀ I_t, O(N² + P) time and O(N + P) memory.
+    ν_tᵀ I_t = (ν_t ⊙ D_t) p_tᵀ on the weights (0 on s0), O(N² + P) time and O(N + P) memory.
 
     References: Tallec & Ollivier, "Unbiased online recurrent optimization", ICLR 2018.
     https://openreview.net/forum?id=rJQDjk-0b
@@ -80,34 +74,40 @@ class UORO(Rule):
 
     def gradient(self, cfg, params, struct, state, batch, noise, *, form, key):
         self.check_form(form)
-        flat = flat_step(cfg, params, struct)
-        bsz, dtype = batch.x.shape[0], flat.theta.dtype
+        bsz, n, dtype = batch.x.shape[0], cfg.n_rec, params.w_rec.dtype
+        # θ̃ held as the weights' (B, N, N + n_in + 1) matrix over p_t = [r_{t-1}, x_t, 1] and s0's
+        # (B, N): the immediate term's pullback ν_tᵀ I_t is (ν ⊙ D_t) p_tᵀ on existing weights (the
+        # mask zeroes absent ones and b's column without a bias), and 0 for s0.
+        exists = jnp.concatenate([struct.rec_mask, jnp.ones((n, cfg.n_in), dtype),
+                                  jnp.full((n, 1), params.b is not None, dtype)], axis=1)
         k_init, k_steps = jax.random.split(key)
+        zeros_w = jnp.zeros((bsz, n, n + cfg.n_in + 1), dtype)
         if params.s0 is None:  # M_0 = 0
-            factors0 = (jnp.zeros((bsz, cfg.n_rec), dtype), jnp.zeros((bsz, flat.theta.shape[0]), dtype))
-        else:  # M_0 = ∂s_0/∂θ, estimated by ν_0 (ν_0ᵀ M_0)
-            nu0 = jax.random.rademacher(k_init, (bsz, cfg.n_rec), dtype)
-            factors0 = (nu0, _per_sequence_pullback(lambda th: flat.initial_state(th, 1)[0], flat.theta, nu0))
-
-        def one_step(th, s_prev, x_t, xi_t):
-            return flat.step(th, s_prev[None], x_t[None], None if xi_t is None else xi_t[None])[0]
+            factors0 = (jnp.zeros((bsz, n), dtype), zeros_w, jnp.zeros((bsz, 0), dtype))
+        else:  # M_0 = ∂s_0/∂θ = [0 | I on s0], estimated by ν_0 (ν_0ᵀ M_0)
+            nu0 = jax.random.rademacher(k_init, (bsz, n), dtype)
+            factors0 = (nu0, zeros_w, nu0)
 
         def advance(factors, s_prev, x_t, xi_t, k):
-            u_tilde, theta_tilde = factors
-            s, j_u = jax.jvp(lambda sp: flat.step(flat.theta, sp, x_t, xi_t), (s_prev,), (u_tilde,))
+            u_tilde, theta_w, theta_s0 = factors
+            step = lambda sp: _model.step(cfg, params, struct, sp, x_t, xi_t)
+            (s, _, u), (j_u, _, _) = jax.jvp(step, (s_prev,), (u_tilde,))
             nu = jax.random.rademacher(k, s.shape, dtype)
-            nu_imm = _per_sequence_pullback(one_step, flat.theta, nu, s_prev, x_t, xi_t)
-            rho0 = balance(_norm(theta_tilde), _norm(j_u))
+            nu_imm = exists * ((nu * drive_slope(cfg, struct, u))[:, :, None] * presynaptic_input(cfg, s_prev, x_t)[:, None, :])
+            rho0 = balance(_norm(theta_w, theta_s0), _norm(j_u))
             rho1 = balance(_norm(nu_imm), _norm(nu))
-            return s, (_column(rho0) * j_u + _column(rho1) * nu, theta_tilde / _column(rho0) + nu_imm / _column(rho1))
+            return s, (_column(rho0) * j_u + _column(rho1) * nu,
+                       theta_w / _column(rho0)[..., None] + nu_imm / _column(rho1)[..., None],
+                       theta_s0 / _column(rho0))
 
         def credit(factors, c_t):
-            u_tilde, theta_tilde = factors
-            return jnp.einsum("b,bp->p", jnp.sum(c_t * u_tilde, axis=1), theta_tilde)
+            u_tilde, theta_w, theta_s0 = factors
+            q = jnp.sum(c_t * u_tilde, axis=1)  # c_t · ũ_t per sequence
+            return jnp.einsum("b,bij->ij", q, theta_w), jnp.einsum("b,bi->i", q, theta_s0)
 
-        loss, g = online_estimate(cfg, params, struct, batch, noise, k_steps, factors0, advance, credit,
-                        jnp.zeros_like(flat.theta))
-        return loss, with_readout(cfg, params, struct, noise, batch, flat.unravel(g))
+        g0 = (jnp.zeros_like(zeros_w[0]), jnp.zeros((factors0[2].shape[1],), dtype))
+        loss, (g_w, g_s0) = online_estimate(cfg, params, struct, batch, noise, k_steps, factors0, advance, credit, g0)
+        return loss, with_readout(cfg, params, struct, noise, batch, presynaptic_gradient(cfg, params, struct, g_w, g_s0))
 
 
 def _kronecker_estimate(cfg, params, struct, batch, noise, key, factors0, update, credit):
