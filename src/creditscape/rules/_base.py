@@ -77,10 +77,11 @@ class Rule(abc.ABC):
         key: jax.Array,
     ) -> RuleState:
         """The rule's state after one update of its auxiliary parameters on this batch (rules with
-        ``learns = True``, e.g. KeRNL's and DNI's predictors). The trainer calls it every
-        iteration, after :meth:`gradient`, at the same parameters; the state is saved and resumed
-        with the network."""
-        raise NotImplementedError(f"Rule {self.name!r} learns nothing (learns = False).")
+        ``learns = True``, e.g. KeRNL's and DNI's predictors; the others keep their state). The
+        trainer calls it every iteration of a learning rule, after :meth:`gradient`, at the same
+        parameters; the state is saved and resumed with the network."""
+        del cfg, params, struct, batch, noise, key
+        return state
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Refuse, with a ``ValueError`` that says what to change, a network on which this rule

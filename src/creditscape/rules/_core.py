@@ -20,7 +20,7 @@ A learned initial state s0 has the leak-only eligibility α_i^t.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -146,8 +146,6 @@ def trace_rule_online(
     """
     n, bsz = cfg.n_rec, batch.x.shape[0]
     dtype = params.w_rec.dtype
-    weights = jnp.swapaxes(loss_weights(cfg, batch.mask), 0, 1)  # (T, B)
-    targets = jnp.swapaxes(batch.target, 0, 1)
     n_pre = n + cfg.n_in + 1  # presynaptic vector p_t = [r_{t-1}, x_t, 1]
     a = _model.leak(cfg, struct)
     a_post = jnp.reshape(a, (n, 1)) if struct.leak is not None else a  # α_i along a trace's rows
@@ -164,7 +162,7 @@ def trace_rule_online(
         s_prev, trace, decay, prev, acc = carry
         x_t, xi_t, w_t, target_t = inp
         s, r, u = _model.step(cfg, params, struct, s_prev, x_t, xi_t)
-        p = jnp.concatenate([_model.activity(cfg, s_prev), x_t, jnp.ones((bsz, 1), dtype)], axis=1)
+        p = presynaptic_input(cfg, s_prev, x_t)
         slope = phi_prime(cfg, s if cfg.form == "voltage" else u)
         if vector_trace:
             trace = a * trace + (1 - a) * p
@@ -202,10 +200,8 @@ def trace_rule_online(
         jnp.zeros((cfg.n_out, n), dtype),
         jnp.zeros((cfg.n_out,), dtype),
     )
-    xis = None if noise.xi is None else jnp.swapaxes(noise.xi, 0, 1)
-    inputs = (jnp.swapaxes(noise.x, 0, 1), xis, weights, targets)
     carry0 = (s_init, trace0, jnp.ones(jnp.shape(a), dtype), prev0, acc0)
-    (_, _, _, prev, acc), _ = jax.lax.scan(body, carry0, inputs)
+    (_, _, _, prev, acc), _ = jax.lax.scan(body, carry0, time_major(cfg, batch, noise))
     # Flush the last step (no step after it: L̃_T = L_T).
     prev_trace, prev_decay, prev_signal, prev_slope = prev
     prev_delta = prev_signal * (prev_slope if cfg.form == "voltage" else 1.0)
@@ -252,26 +248,6 @@ def step_signal(cfg: ModelConfig, params: Params, weight_t: jax.Array, target_t:
     return jax.value_and_grad(step_loss)(s)
 
 
-class FlatStep(NamedTuple):
-    """The model's step as a function of the recurrent layer's parameters flattened to θ (P,)."""
-
-    theta: jax.Array  # θ at ``params``
-    unravel: Callable  # θ → recurrent-layer Params (readout None)
-    step: Callable  # (θ, s_prev, x_t, xi_t) → s_t
-    initial_state: Callable  # (θ, batch size) → s_0
-
-
-def flat_step(cfg: ModelConfig, params: Params, struct: Structure) -> FlatStep:
-    theta, unravel = ravel_pytree(recurrent_part(params))
-    full = lambda th: unravel(th)._replace(w_out=params.w_out, b_out=params.b_out)
-    return FlatStep(
-        theta,
-        unravel,
-        lambda th, s_prev, x_t, xi_t: _model.step(cfg, full(th), struct, s_prev, x_t, xi_t)[0],
-        lambda th, bsz: _model.initial_state(cfg, full(th), bsz),
-    )
-
-
 def time_major(cfg: ModelConfig, batch: Batch, noise: Noise) -> tuple:
     """A scan's per-step inputs (x_t, xi_t, loss weight_t, target_t), time first."""
     xis = None if noise.xi is None else jnp.swapaxes(noise.xi, 0, 1)
@@ -304,24 +280,25 @@ def forward_sensitivity(
     parameters: small networks only.
     """
     bsz = batch.x.shape[0]
-    flat = flat_step(cfg, params, struct)
-    theta0 = flat.theta
+    theta0, unravel = ravel_pytree(recurrent_part(params))
     n_par = theta0.shape[0]
     dtype = theta0.dtype
-    # ∂s_0/∂θ as (B, N, P): columns by forward mode on each basis direction.
-    s_init_from = lambda th: flat.initial_state(th, bsz)
+    full = lambda th: unravel(th)._replace(w_out=params.w_out, b_out=params.b_out)
+    step_from = lambda th, s_prev, x_t, xi_t: _model.step(cfg, full(th), struct, s_prev, x_t, xi_t)[0]
+    s_init_from = lambda th: _model.initial_state(cfg, full(th), bsz)
     s_init = s_init_from(theta0)
+    # ∂s_0/∂θ as (B, N, P): columns by forward mode on each basis direction.
     m0 = jax.vmap(lambda d: jax.jvp(s_init_from, (theta0,), (d,))[1], out_axes=2)(jnp.eye(n_par, dtype=dtype))
 
     def tangent(s_prev, x_t, xi_t, d_theta, d_s):
-        return jax.jvp(lambda th, sp: flat.step(th, sp, x_t, xi_t), (theta0, s_prev), (d_theta, d_s))[1]
+        return jax.jvp(lambda th, sp: step_from(th, sp, x_t, xi_t), (theta0, s_prev), (d_theta, d_s))[1]
 
     basis = jnp.eye(n_par, dtype=dtype)
 
     def body(carry, inp):
         s_prev, sens, m_start, acc = carry
         x_t, xi_t, w_t, target_t = inp
-        s = flat.step(theta0, s_prev, x_t, xi_t)
+        s = step_from(theta0, s_prev, x_t, xi_t)
         # One forward-mode column per parameter: J_t (carried sensitivity) + immediate term, where
         # the immediate term of step 1 carries ∂s_0/∂θ (m_start, zero afterwards). jvp is linear
         # in (dθ, ds), so one call gives both parts.
@@ -346,7 +323,7 @@ def forward_sensitivity(
         sens0 = jnp.zeros((window, bsz, cfg.n_rec, n_par), dtype)
     acc0 = (jnp.zeros((), dtype), jnp.zeros((n_par,), dtype))
     (_, _, _, (loss, g)), _ = jax.lax.scan(body, (s_init, sens0, m0, acc0), time_major(cfg, batch, noise))
-    return loss, with_readout(cfg, params, struct, noise, batch, flat.unravel(g))
+    return loss, with_readout(cfg, params, struct, noise, batch, unravel(g))
 
 
 def with_readout(cfg: ModelConfig, params: Params, struct: Structure, noise: Noise, batch: Batch,

@@ -6,7 +6,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.rules._base import Rule, register
@@ -27,8 +26,8 @@ def snap_pattern(cfg: ModelConfig, params: Params, struct: Structure, n: int) ->
     units = jnp.arange(cfg.n_rec)
     rec = recurrent_part(params)
     owner = jax.tree.map(lambda a: jnp.broadcast_to(units.reshape((-1,) + (1,) * (a.ndim - 1)), a.shape), rec)
-    owner_flat, _ = ravel_pytree(jax.tree.map(lambda a: a.astype(jnp.float32), owner))
-    return reach[:, owner_flat.astype(jnp.int32)].astype(params.w_rec.dtype)
+    owner_flat = jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(owner)])  # ravel_pytree's order
+    return reach[:, owner_flat].astype(params.w_rec.dtype)
 
 
 @register
