@@ -7,6 +7,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from creditscape import model as M
 from creditscape.objective import Batch, Noise
@@ -57,6 +58,12 @@ def draw(cfg, seed, mask="random", noise=False):
         m = (jax.random.uniform(keys[6], (B, T)) > 0.4).astype(jnp.float64).at[:, -1].set(1.0)
     xi = 0.1 * jax.random.normal(keys[7], (B, T, cfg.n_rec)) if noise else None
     return params, struct, Batch(x, target, m), Noise(x, xi)
+
+
+def light_or_heavy(values, light):
+    """pytest parameters over ``values``, those not in ``light`` marked heavy (``pytest -m heavy``)."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=() if v in light else pytest.mark.heavy)
+            for v in values]
 
 
 def flat(tree):

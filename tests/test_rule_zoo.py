@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cases import assert_close, draw, flat, model_cases
+from cases import assert_close, draw, flat, light_or_heavy, model_cases
 from creditscape import _reference as ref
 from creditscape.rules import get_rule, gradient_alignment, rule_gradient
 from creditscape.rules._snap import snap_pattern
@@ -16,12 +16,6 @@ from creditscape.theory import estimate_on_block, jacobian_vector_product
 
 CASES = dict(model_cases())
 STOCHASTIC = ("uoro", "kf_rtrl", "reverse_kf_rtrl")
-
-
-def light_or_heavy(values, light):
-    """pytest parameters over ``values``, those not in ``light`` marked heavy (``pytest -m heavy``)."""
-    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=() if v in light else pytest.mark.heavy)
-            for v in values]
 
 
 def _exact(cfg, params, struct, batch, nz):

@@ -29,20 +29,27 @@ def _pieces(cfg, params, struct, x, xi, target, weights, feedback):
     s0_fn = lambda th: _model.initial_state(cfg, full(th), 1)[0]
     s = np.asarray(s0_fn(theta))
     ds0 = np.asarray(jax.jacobian(s0_fn)(theta))
-    out = {"J": [], "I": [], "c": [], "L": [], "drds": [], "s_prev": [], "s": [], "ds0": ds0, "n_par": theta.shape[0]}
+    out = {"J": [], "I": [], "c": [], "L": [], "drds": [], "s_prev": [], "s": [], "D": [], "dzds": [],
+           "ds0": ds0, "n_par": theta.shape[0]}
     for t in range(x.shape[0]):
         xi_t = None if xi is None else xi[t]
         args = (theta, jnp.asarray(s), x[t], xi_t)
         out["J"].append(np.asarray(jax.jacobian(one_step, argnums=1)(*args)))
         out["I"].append(np.asarray(jax.jacobian(one_step, argnums=0)(*args)))
+        if cfg.spiking:  # the unit's own dynamics: ∂s_t/∂s_{t-1} with the recurrent spikes held
+            held = _model.activity(cfg, jnp.asarray(s)[None])
+            own = lambda s_prev: _model.step(cfg, full(theta), struct, s_prev[None], x[t][None],
+                                             None if xi_t is None else xi_t[None], recurrent_input=lambda _: held)[0][0]
+            out["D"].append(np.asarray(jax.jacobian(own)(jnp.asarray(s))))
         out["s_prev"].append(s)
         s = np.asarray(one_step(*args))
         out["s"].append(s)
-        r = _model.activity(cfg, jnp.asarray(s))
-        y = _model.readout(params, r)
+        read = lambda s_: _model.readout_input(cfg, s_, _model.activity(cfg, s_))
+        y = _model.readout(params, read(jnp.asarray(s)))
         e = np.asarray(jax.grad(lambda y_: weights[t] * step_losses(cfg, y_[None, None], target[t][None, None])[0, 0])(y))
-        signal = np.asarray(feedback).T @ e  # learning signal w.r.t. r_t
-        drds = np.asarray(jax.jacobian(lambda s_: _model.activity(cfg, s_))(jnp.asarray(s)))
+        signal = np.asarray(feedback).T @ e  # learning signal w.r.t. what readout t reads
+        drds = np.asarray(jax.jacobian(read)(jnp.asarray(s)))
+        out["dzds"].append(np.asarray(jax.jacobian(lambda s_: _model.activity(cfg, s_))(jnp.asarray(s))))
         out["c"].append(signal @ drds)  # w.r.t. s_t
         out["L"].append(signal)
         out["drds"].append(drds)
@@ -111,6 +118,8 @@ def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None =
                     for step in range(tau + 1, t + 1):
                         m = J[step] @ m
                     g += c[t] @ m
+        elif cfg.spiking and rule in ("eprop", "mdgl"):
+            g = _spiking_trace_rule(cfg, pc, rule, w_bar)
         elif rule in ("eprop", "mdgl"):
             elig = [pc["ds0"]]  # leak-only eligibility, e_t = diag(α) e_{t-1} + I_t
             for t in range(1, n_steps + 1):
@@ -160,6 +169,31 @@ def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None =
             raise ValueError(f"no reference for {rule!r}")
         total = g if total is None else total + g
     return unravel(jnp.asarray(total))
+
+
+def _spiking_trace_rule(cfg, pc, rule, w_bar):
+    """e-prop on a spiking network: Σ_t c_t E_t, E_t = D_t E_{t-1} + I_t with D_t the unit's own
+    dynamics (the filtered eligibility sits in E's readout-trace rows). MDGL: in spike space,
+    Σ_t (L^z_t + L^z_{t+1} H_{t+1}) (∂z_t/∂s_t) E_t with L^z_t = Σ_{t'≥t} L_{t'} ∂ρ_{t'}/∂z_t through the
+    readout filter ρ and the hop H_{t+1} = ∂z_{t+1}/∂z_t through W̄, (1-α) diag(ψ_{t+1}) W̄."""
+    n_steps, n = len(pc["J"]), cfg.n_rec
+    elig, e_list = np.zeros_like(pc["I"][0]), []
+    for t in range(n_steps):
+        elig = pc["D"][t] @ elig + pc["I"][t]
+        e_list.append(elig)
+    if rule == "eprop":
+        return sum(pc["c"][t] @ e_list[t] for t in range(n_steps))
+    kappa = cfg.readout_decay
+    filt = lambda lag: (1 - kappa) * kappa**lag if kappa else float(lag == 0)  # ∂ρ_{t+lag}/∂z_t
+    lz = [sum(pc["L"][tp] * filt(tp - t) for tp in range(t, n_steps)) for t in range(n_steps)]
+    psi = [np.diag(pc["dzds"][t][:, :n]) for t in range(n_steps)]
+    g = 0.0
+    for t in range(n_steps):
+        ez = pc["dzds"][t] @ e_list[t]
+        g = g + lz[t] @ ez
+        if t + 1 < n_steps:
+            g = g + lz[t + 1] @ ((1 - cfg.alpha) * np.diag(psi[t + 1]) @ np.asarray(w_bar)) @ ez
+    return g
 
 
 def modulatory_weights(w_rec, mask, cell_type, kind: str) -> np.ndarray:

@@ -54,7 +54,7 @@ from typing import Any
 from creditscape import presets
 from creditscape.errors import ConfigError
 from creditscape.model import ModelConfig
-from creditscape.rules import Rule, rule_class
+from creditscape.rules import Rule, check_network, rule_class
 from creditscape.tasks import Task, task_class
 from creditscape.train import TrainConfig
 
@@ -364,7 +364,7 @@ def resolve(raw: dict, *, mnist_dir: str | None = None) -> Experiment:
         for cell in cells:  # every rule's own settings must make a valid [train] in every cell
             _build(TrainConfig, {**_jsonable(cell.train), **dict(spec.train)}, f"rules[{i}].train")
             try:
-                spec.rule.check_model(cell.model)
+                check_network(spec.rule, cell.model)
             except ValueError as err:
                 where = "".join(f" {k}={v}" for k, v in cell.values)
                 raise ConfigError(f"rules[{i}] ({spec.label}){' at grid point' + where if where else ''}: {err}") from None

@@ -13,7 +13,22 @@ Two discretizations share one parameter set θ = {W_in (N×n_in), W_rec (N×N), 
       u_t = W_rec r_{t-1} + W_in x_t + b + ξ_t
       r_t = α r_{t-1} + (1-α) φ(u_t),                      state s_t = r_t
 
-Both reduce to r_t = φ(W_rec r_{t-1} + W_in x_t + b) when α = 0. The readout is
+* ``form="lif"`` and ``form="alif"`` (spiking; Bellec et al. 2020, with the leak convention of the
+  voltage form)::
+
+      u_t = W_rec z_{t-1} + W_in x_t + b + ξ_t
+      v_t = α v_{t-1} + (1-α) u_t − v_th z_{t-1}             (soft reset; "hard": α (1 − z_{t-1}) v_{t-1} + (1-α) u_t)
+      a_t = ρ a_{t-1} + (1-ρ) z_{t-1}                         (ALIF only; A_t = v_th + β a_t, LIF: A_t = v_th)
+      z_t = H((v_t − A_t)/v_th) · [no spike in the last ``refractory`` steps]
+      r̄_t = κ r̄_{t-1} + (1-κ) z_t                            (readout filter, κ = ``readout_decay``)
+
+  The activity is the spike train z; the readout reads r̄ (z itself when κ = 0). H's derivative is
+  the pseudo-derivative ψ(x) (:func:`pseudo_derivative`), in every order of differentiation; the
+  reset's derivative is dropped (the spike in the reset term is a constant to every derivative,
+  as in Bellec et al. 2020 and Zenke & Vogels 2021). The state stacks [v, a, refractory counter,
+  r̄] (the parts a form has, :func:`state_parts`) along its last axis: (B, P·N).
+
+Without spikes, both rate-model forms reduce to r_t = φ(W_rec r_{t-1} + W_in x_t + b) when α = 0. The readout is
 y_t = W_out r_t + b_out (at every step, or at the last ``readout_steps`` steps only). ξ_t is
 optional recurrent noise (σ_rec · standard normal); input noise is
 added to x_t before the step. The initial state s_0 is zero, or the learned vector ``s0``.
@@ -47,7 +62,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-FORMS = ("voltage", "rate")
+FORMS = ("voltage", "rate", "lif", "alif")
+SPIKING = ("lif", "alif")
+RESETS = ("soft", "hard")
+SURROGATES = ("piecewise_linear", "superspike")
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "softplus": jax.nn.softplus}
 LOSSES = ("xent", "mse")
 INITS = ("paper", "identity")
@@ -81,6 +99,18 @@ class ModelConfig:
         readout_steps: the network has a readout at its last K steps only (None: at every step),
             as the paper's sequential-MNIST network, read out once at the end. Earlier steps are
             never scored, whatever a batch's mask says there; an experiment takes K from the task.
+
+    Spiking forms only (``"lif"``, ``"alif"``; ``activation`` does not apply to them):
+
+    Args:
+        threshold: v_th > 0, the firing threshold (and the reset's size).
+        reset: ``"soft"`` (subtract v_th after a spike) or ``"hard"`` (set v to 0 before the next input).
+        refractory: steps after a spike during which a unit cannot spike (its ψ is 0 there too).
+        adapt_decay: ρ ∈ [0, 1) of the adaptive threshold (``"alif"``); ρ = exp(−dt/τ_a).
+        adapt_strength: β ≥ 0, the threshold's increase per unit of adaptation a (``"alif"``).
+        surrogate: the pseudo-derivative ψ of the spike (:func:`pseudo_derivative`).
+        dampening: γ, ψ's height (0.3 in Bellec et al. 2020).
+        readout_decay: κ ∈ [0, 1) of the readout's low-pass filter of the spikes (0: no filter).
     """
 
     n_in: int
@@ -101,6 +131,14 @@ class ModelConfig:
     init: str = "paper"
     leak_spread: float = 0.0
     readout_steps: int | None = None
+    threshold: float = 1.0
+    reset: str = "soft"
+    refractory: int = 0
+    adapt_decay: float = 0.95
+    adapt_strength: float = 1.8
+    surrogate: str = "piecewise_linear"
+    dampening: float = 0.3
+    readout_decay: float = 0.0
 
     def __post_init__(self):
         def bad(field, value, expected):
@@ -133,6 +171,27 @@ class ModelConfig:
             bad("init", self.init, f"one of {INITS}")
         if self.readout_steps is not None and (not isinstance(self.readout_steps, int) or self.readout_steps < 1):
             bad("readout_steps", self.readout_steps, "a positive integer, or None (a readout at every step)")
+        if not self.spiking:
+            if self.readout_decay:
+                bad("readout_decay", self.readout_decay, f"0 for form={self.form!r} (a readout filter of spikes: forms {SPIKING})")
+            return
+        if not 0 < self.threshold < math.inf:
+            bad("threshold", self.threshold, "a positive firing threshold")
+        if self.reset not in RESETS:
+            bad("reset", self.reset, f"one of {RESETS}")
+        if not isinstance(self.refractory, int) or self.refractory < 0:
+            bad("refractory", self.refractory, "a number of steps >= 0")
+        if not (0 <= self.adapt_decay < 1 and 0 <= self.adapt_strength < math.inf):
+            bad("adapt_decay/adapt_strength", (self.adapt_decay, self.adapt_strength), "ρ in [0, 1) and β >= 0")
+        if self.surrogate not in SURROGATES:
+            bad("surrogate", self.surrogate, f"one of {SURROGATES}")
+        if not 0 < self.dampening < math.inf:
+            bad("dampening", self.dampening, "a positive height of the pseudo-derivative")
+        if not 0 <= self.readout_decay < 1:
+            bad("readout_decay", self.readout_decay, "a filter decay κ in [0, 1)")
+        if self.learn_init_state or self.leak_spread:
+            bad("learn_init_state/leak_spread", (self.learn_init_state, self.leak_spread),
+                f"off for spiking forms (not built for form={self.form!r}): set learn_init_state = false, leak_spread = 0")
 
     @staticmethod
     def from_tau(tau: float, dt: float, **kwargs) -> "ModelConfig":
@@ -142,6 +201,10 @@ class ModelConfig:
     @property
     def phi(self) -> Callable:
         return ACTIVATIONS[self.activation]
+
+    @property
+    def spiking(self) -> bool:
+        return self.form in SPIKING
 
     @property
     def n_exc(self) -> int:
@@ -259,16 +322,86 @@ def project(cfg: ModelConfig, params: Params, struct: Structure) -> Params:
 # Forward pass
 
 
+def state_parts(cfg: ModelConfig) -> tuple[str, ...]:
+    """The parts of the state, each N wide, in their order along its last axis: ``("s",)`` for the
+    rate-model forms; v, then a (ALIF), the refractory counter and the readout trace r̄ where the
+    spiking network has them."""
+    if not cfg.spiking:
+        return ("s",)
+    return (("v",) + (("a",) if cfg.form == "alif" else ()) + (("ref",) if cfg.refractory else ())
+            + (("trace",) if cfg.readout_decay else ()))
+
+
+def state_size(cfg: ModelConfig) -> int:
+    """Width of the state s_t: N, or N times the number of a spiking network's parts."""
+    return cfg.n_rec * len(state_parts(cfg))
+
+
+def state_part(cfg: ModelConfig, s: jax.Array, name: str) -> jax.Array:
+    """One part (B, N) of the state (:func:`state_parts`)."""
+    i = state_parts(cfg).index(name) * cfg.n_rec
+    return s[..., i : i + cfg.n_rec]
+
+
 def initial_state(cfg: ModelConfig, params: Params, batch_size: int) -> jax.Array:
-    """s_0 for a batch, shape (B, N)."""
+    """s_0 for a batch, shape (B, :func:`state_size`)."""
     if params.s0 is None:
-        return jnp.zeros((batch_size, cfg.n_rec), params.w_rec.dtype)
+        return jnp.zeros((batch_size, state_size(cfg)), params.w_rec.dtype)
     return jnp.broadcast_to(params.s0, (batch_size, cfg.n_rec))
 
 
+def pseudo_derivative(x: jax.Array, surrogate: str, dampening: float) -> jax.Array:
+    """ψ(x), the derivative given to the spike H(x) at x = (v − A)/v_th:
+
+    * ``"piecewise_linear"`` (Bellec et al. 2020): γ max(0, 1 − |x|);
+    * ``"superspike"`` (Zenke & Ganguli 2018, the fast sigmoid's derivative): γ / (1 + 10|x|)².
+    """
+    if surrogate == "piecewise_linear":
+        return dampening * jnp.maximum(0.0, 1.0 - jnp.abs(x))
+    return dampening / (1.0 + 10.0 * jnp.abs(x)) ** 2
+
+
+def _pseudo_antiderivative(x: jax.Array, surrogate: str, dampening: float) -> jax.Array:
+    """Ψ with Ψ' = ψ (:func:`pseudo_derivative`)."""
+    if surrogate == "piecewise_linear":
+        c = jnp.clip(x, -1.0, 1.0)
+        return dampening * (c - c * jnp.abs(c) / 2)
+    return dampening * x / (1.0 + 10.0 * jnp.abs(x))
+
+
+def spike(x: jax.Array, surrogate: str, dampening: float) -> jax.Array:
+    """H(x) = 1 if x > 0 else 0, whose derivatives are those of Ψ, ∫ψ: ψ(x), then ψ'(x).
+
+    Written H(x) + Ψ(x) − Ψ(x)|_constant rather than as a ``jax.custom_jvp``: its value is exactly
+    H(x), and every transformation sees ordinary operations. (A custom JVP rule is lost when reverse
+    mode through ``lax.scan`` is differentiated again: in jax 0.10 the forward pass's spikes then
+    count as constants there, and the Hessian of the surrogate loss came out asymmetric.)
+    """
+    smooth = _pseudo_antiderivative(x, surrogate, dampening)
+    return (x > 0).astype(x.dtype) + (smooth - jax.lax.stop_gradient(smooth))
+
+
+def spikes(cfg: ModelConfig, s: jax.Array) -> jax.Array:
+    """z_t = H((v_t − A_t)/v_th), zero while refractory, from a spiking network's state."""
+    gap = state_part(cfg, s, "v") - cfg.threshold
+    if cfg.form == "alif":
+        gap = gap - cfg.adapt_strength * state_part(cfg, s, "a")
+    z = spike(gap / cfg.threshold, cfg.surrogate, cfg.dampening)
+    return z if not cfg.refractory else z * (state_part(cfg, s, "ref") == 0)
+
+
 def activity(cfg: ModelConfig, s: jax.Array) -> jax.Array:
-    """r from the state: φ(v) for the voltage form, the state itself for the rate form."""
+    """r from the state: φ(v) for the voltage form, the state itself for the rate form, the spikes
+    z for the spiking forms."""
+    if cfg.spiking:
+        return spikes(cfg, s)
     return cfg.phi(s) if cfg.form == "voltage" else s
+
+
+def readout_input(cfg: ModelConfig, s: jax.Array, r: jax.Array) -> jax.Array:
+    """What the readout reads at a step with state s and activity r: r itself, or a spiking
+    network's filtered spike train r̄ (``readout_decay`` > 0), part of s."""
+    return state_part(cfg, s, "trace") if cfg.readout_decay else r
 
 
 def step(
@@ -302,12 +435,34 @@ def _recur(cfg, params, w_eff, alpha, s_prev, r_prev, x_t, xi_t, recurrent_input
     u = recurrent_input(r_prev) @ w_eff.T + input_drive(params, x_t)
     if xi_t is not None:
         u = u + xi_t
+    if cfg.spiking:
+        return (*_spiking_step(cfg, alpha, s_prev, r_prev, u), u)
     new = u if cfg.form == "voltage" else cfg.phi(u)
     # Without a leak the state is the new value: skip 0·s_prev + 1·new, which XLA cannot drop
     # (0·inf is NaN) and which would cost two element-wise passes per step and their backward.
     s = new if cfg.alpha == 0 else alpha * s_prev + (1 - alpha) * new
     r = cfg.phi(s) if cfg.form == "voltage" else s
     return s, r, u
+
+
+def _spiking_step(cfg, alpha, s_prev, z_prev, u):
+    """(s_t, z_t) of a spiking network from s_{t-1}, its spikes z_{t-1} and the drive u_t (module
+    docstring). The reset's spike is a constant to every derivative; the adaptation's is not."""
+    part = lambda name: state_part(cfg, s_prev, name)
+    fired = jax.lax.stop_gradient(z_prev)
+    if cfg.reset == "soft":
+        v = alpha * part("v") + (1 - alpha) * u - cfg.threshold * fired
+    else:
+        v = alpha * (1 - fired) * part("v") + (1 - alpha) * u
+    new = {"v": v}
+    if cfg.form == "alif":
+        new["a"] = cfg.adapt_decay * part("a") + (1 - cfg.adapt_decay) * z_prev
+    if cfg.refractory:
+        new["ref"] = jax.lax.stop_gradient(jnp.where(fired > 0, float(cfg.refractory), jnp.maximum(part("ref") - 1, 0.0)))
+    z = spikes(cfg, jnp.concatenate([new[k] for k in state_parts(cfg) if k != "trace"], axis=-1))  # r̄ is last
+    if cfg.readout_decay:
+        new["trace"] = cfg.readout_decay * part("trace") + (1 - cfg.readout_decay) * z
+    return jnp.concatenate([new[k] for k in state_parts(cfg)], axis=-1), z
 
 
 def run(
@@ -326,7 +481,7 @@ def run(
         recurrent_input: see :func:`step`.
 
     Returns:
-        (states s, activities r, drives u), each (B, T, N).
+        (states s (B, T, state_size), activities r and drives u (B, T, N)).
     """
     return _scan(cfg, params, struct, x, xi, recurrent_input, lambda s, r, u: (s, r, u))
 
@@ -342,7 +497,7 @@ def outputs(cfg: ModelConfig, params: Params, struct: Structure, x: jax.Array,
     28 steps, a quarter of a BPTT step's time on CPU).
     """
     silent = steps_without_readout(cfg, x.shape[1])
-    return _scan(cfg, params, struct, x, xi, lambda r: r, lambda s, r, u: readout(params, r), silent)
+    return _scan(cfg, params, struct, x, xi, lambda r: r, lambda s, r, u: readout(params, readout_input(cfg, s, r)), silent)
 
 
 def steps_without_readout(cfg: ModelConfig, n_steps: int) -> int:

@@ -2,6 +2,7 @@
 
 from creditscape.rules._base import Rule as Rule
 from creditscape.rules._base import RuleState as RuleState
+from creditscape.rules._base import check_network as check_network
 from creditscape.rules._base import get_rule as get_rule
 from creditscape.rules._base import register as register
 from creditscape.rules._base import rule_class as rule_class
@@ -27,7 +28,7 @@ from creditscape.rules._auxiliary import DNI as DNI
 from creditscape.rules._auxiliary import KeRNL as KeRNL
 
 __all__ = [
-    "Rule", "RuleState", "register", "get_rule", "rule_class", "rule_names",
+    "Rule", "RuleState", "register", "check_network", "get_rule", "rule_class", "rule_names",
     "rule_gradient", "expected_gradient", "gradient_alignment", "Alignment",
     "BPTT", "TruncatedBPTT", "RTRL", "EProp", "RandomEProp", "RFLO", "MDGL", "modulatory_weights", "ModProp", "SnAp", "UORO", "KFRTRL", "ReverseKFRTRL", "KeRNL", "DNI",
 ]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, Noise, exact_loss
-from creditscape.rules._base import Rule, RuleState
+from creditscape.rules._base import Rule, RuleState, check_network
 from creditscape.rules._core import recurrent_part
 
 
@@ -32,6 +32,8 @@ def rule_gradient(
     if batch.x.shape[-1] != cfg.n_in:
         raise ValueError(f"batch.x has {batch.x.shape[-1]} inputs per step; the model expects n_in={cfg.n_in}.")
     form = rule.check_form(form)
+    if cfg.spiking:  # (the rate-model forms are checked where a rule starts its work)
+        check_network(rule, cfg)
     if not rule.stochastic:
         if key is not None:
             raise ValueError(f"Rule {rule.name!r} draws no random numbers; pass no key.")

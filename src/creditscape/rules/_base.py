@@ -43,6 +43,7 @@ class Rule(abc.ABC):
     forms: ClassVar[tuple[str, ...]]  # supported forms; the first is the default
     stochastic: ClassVar[bool] = False  # draws random numbers from ``key`` in each estimate
     learns: ClassVar[bool] = False  # its state holds auxiliary parameters updated by :meth:`learn`
+    spiking: ClassVar[bool] = False  # defined on spiking networks (model forms "lif" and "alif")
 
     def init(self, cfg: ModelConfig, params: Params, struct: Structure, *, key: jax.Array) -> RuleState:
         """Draw the rule's fixed state (e.g. random feedback); ``()`` when it has none."""
@@ -106,6 +107,16 @@ class Rule(abc.ABC):
                 f"Set form to one of these (or leave it unset for {self.forms[0]!r})."
             )
         return form
+
+
+def check_network(rule: Rule, cfg: ModelConfig) -> None:
+    """Refuse a network ``rule`` is not defined on: a spiking one for a rule without a spiking
+    form, then whatever the rule's own :meth:`Rule.check_model` refuses."""
+    if cfg.spiking and not rule.spiking:
+        names = ", ".join(n for n, c in _REGISTRY.items() if c.spiking)
+        raise ValueError(f"Rule {rule.name!r} is not built for spiking networks (model.form = {cfg.form!r}); "
+                         f"the rules for them are: {names}.")
+    rule.check_model(cfg)
 
 
 def register(cls: type[Rule]) -> type[Rule]:

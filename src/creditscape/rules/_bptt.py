@@ -25,6 +25,7 @@ class BPTT(Rule):
     """
 
     name = "bptt"
+    spiking = True
     formula = "g = dL/dθ exactly (reverse mode through the whole sequence)"
     forms = ("offline",)
 
@@ -58,6 +59,7 @@ class TruncatedBPTT(Rule):
     """
 
     name = "tbptt"
+    spiking = True
     formula = "g = Σ_t dℓ_t/ds_t · Σ_{τ>t-K} J_t…J_{τ+1} ∂s_τ/∂θ (only the last K steps)"
     forms = ("offline", "online")
     k: int = 5
@@ -74,8 +76,8 @@ class TruncatedBPTT(Rule):
 
 def _tbptt_offline(cfg, params, struct, batch, noise, k):
     s_all, r_all, _ = _model.run(cfg, params, struct, noise.x, noise.xi)
-    loss, e, g_w_out, g_b_out = output_error(cfg, params, r_all, batch)
-    signal = jnp.swapaxes(e @ params.w_out, 0, 1)  # (T, B, N): ∂L/∂r_t through readout t
+    loss, e, g_w_out, g_b_out = output_error(cfg, params, _model.readout_input(cfg, s_all, r_all), batch)
+    signal = jnp.swapaxes(e @ params.w_out, 0, 1)  # (T, B, N): ∂L/∂ρ_t, ρ_t what readout t reads
     n_steps = batch.x.shape[1]
     # s_all and the signal are values from outside the differentiated function: reverse mode does
     # not flow through them (the cut), forward mode still does (see creditscape.theory).
@@ -93,7 +95,7 @@ def _tbptt_offline(cfg, params, struct, batch, noise, k):
             return jnp.where(tau >= 1, s_new, s_prev), None
 
         s_end, _ = jax.lax.scan(body, s_start, jnp.arange(k))
-        return _model.activity(cfg, s_end)
+        return _model.readout_input(cfg, s_end, _model.activity(cfg, s_end))
 
     times = jnp.arange(1, n_steps + 1)
     _, pullback = jax.vjp(lambda p: jax.vmap(lambda t: window_activity(p, t))(times), params)

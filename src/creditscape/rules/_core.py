@@ -37,7 +37,8 @@ def phi_prime(cfg: ModelConfig, z: jax.Array) -> jax.Array:
 
 
 def output_error(cfg: ModelConfig, params: Params, r: jax.Array, batch: Batch):
-    """Loss, e = ∂L/∂y (B, T, n_out) and the exact readout gradients from activities r (B, T, N).
+    """Loss, e = ∂L/∂y (B, T, n_out) and the exact readout gradients from the readout's inputs r
+    (B, T, N): the activities, or a spiking network's filtered spikes (:func:`model.readout_input`).
     Steps without a readout (before the last ``cfg.readout_steps``) have e = 0 and cost nothing."""
     silent = _model.steps_without_readout(cfg, r.shape[1])
     r_read = r[:, silent:]
@@ -45,6 +46,31 @@ def output_error(cfg: ModelConfig, params: Params, r: jax.Array, batch: Batch):
     g_w_out = jnp.einsum("btk,btn->kn", e, r_read)
     g_b_out = e.sum(axis=(0, 1))
     return loss, jnp.pad(e, ((0, 0), (silent, 0), (0, 0))), g_w_out, g_b_out
+
+
+def activity_signal(cfg: ModelConfig, signal: jax.Array) -> jax.Array:
+    """∂/∂r_t of Σ_t ⟨signal_t, ρ_t⟩, ρ_t what the readout reads at step t: ``signal`` itself, or,
+    through a spiking network's readout filter ρ_t = κ ρ_{t-1} + (1-κ) z_t, its adjoint
+    (1-κ) Σ_{t'≥t} κ^{t'-t} signal_{t'} (B, T, N): the learning signal on the spikes."""
+    kappa = cfg.readout_decay
+    if not kappa:
+        return signal
+
+    def back(later, signal_t):
+        total = signal_t + kappa * later
+        return total, (1 - kappa) * total
+
+    _, out = jax.lax.scan(back, jnp.zeros_like(signal[:, 0]), jnp.swapaxes(signal, 0, 1), reverse=True)
+    return jnp.swapaxes(out, 0, 1)
+
+
+def activity_slope(cfg: ModelConfig, s: jax.Array, u: jax.Array) -> jax.Array:
+    """How a unit's activity moves with what integrates its drive: φ'(v_t) (voltage form), φ'(u_t)
+    (rate form), or a spiking unit's pseudo-derivative ψ_t = ∂z_t/∂v_t (0 while refractory)."""
+    if cfg.spiking:
+        along_v = jnp.concatenate([jnp.ones_like(u), jnp.zeros_like(s[..., cfg.n_rec:])], axis=-1)
+        return jax.jvp(lambda s_: _model.activity(cfg, s_), (s,), (along_v,))[1]
+    return phi_prime(cfg, s if cfg.form == "voltage" else u)
 
 
 def mdgl_hop(alpha, signal_next: jax.Array, slope_next: jax.Array, w_bar: jax.Array):
@@ -118,10 +144,10 @@ def trace_rule_offline(
         _, r_trunc = jax.lax.scan(body, _model.initial_state(cfg, p, batch.x.shape[0]), inputs)
         return jnp.swapaxes(r_trunc, 0, 1)
 
-    loss, e, g_w_out, g_b_out = output_error(cfg, params, r, batch)
-    signal = e @ feedback
+    loss, e, g_w_out, g_b_out = output_error(cfg, params, _model.readout_input(cfg, s, r), batch)
+    signal = activity_signal(cfg, e @ feedback)
     if w_bar is not None:
-        slope = phi_prime(cfg, s if cfg.form == "voltage" else u)
+        slope = activity_slope(cfg, s, u)
         if mean_slope:
             slope = jnp.full_like(slope, jnp.mean(slope))
         signal = modulated_signal(_model.leak(cfg, struct), signal, slope, w_bar, hops)
@@ -242,7 +268,8 @@ def step_signal(cfg: ModelConfig, params: Params, weight_t: jax.Array, target_t:
     """(ℓ_t, c_t = ∂ℓ_t/∂s_t) of one step: its weighted loss and the direct error on the state."""
 
     def step_loss(s_):
-        y = _model.readout(params, _model.activity(cfg, s_))
+        r = _model.activity(cfg, s_)
+        y = _model.readout(params, _model.readout_input(cfg, s_, r))
         return jnp.sum(weight_t * step_losses(cfg, y[:, None], target_t[:, None])[:, 0])
 
     return jax.value_and_grad(step_loss)(s)
@@ -318,9 +345,9 @@ def forward_sensitivity(
         return (s, sens, jnp.zeros_like(m_start), (loss + loss_t, g + jnp.einsum("bn,bnp->p", c_t, m_t))), None
 
     if window is None:
-        sens0 = jnp.zeros((bsz, cfg.n_rec, n_par), dtype)
+        sens0 = jnp.zeros((bsz, _model.state_size(cfg), n_par), dtype)
     else:
-        sens0 = jnp.zeros((window, bsz, cfg.n_rec, n_par), dtype)
+        sens0 = jnp.zeros((window, bsz, _model.state_size(cfg), n_par), dtype)
     acc0 = (jnp.zeros((), dtype), jnp.zeros((n_par,), dtype))
     (_, _, _, (loss, g)), _ = jax.lax.scan(body, (s_init, sens0, m0, acc0), time_major(cfg, batch, noise))
     return loss, with_readout(cfg, params, struct, noise, batch, unravel(g))
@@ -329,8 +356,8 @@ def forward_sensitivity(
 def with_readout(cfg: ModelConfig, params: Params, struct: Structure, noise: Noise, batch: Batch,
                  recurrent: Params) -> Params:
     """``recurrent`` with the exact readout gradients filled in (from a forward pass)."""
-    _, r, _ = _model.run(cfg, params, struct, noise.x, noise.xi)
-    _, _, g_w_out, g_b_out = output_error(cfg, params, r, batch)
+    s, r, _ = _model.run(cfg, params, struct, noise.x, noise.xi)
+    _, _, g_w_out, g_b_out = output_error(cfg, params, _model.readout_input(cfg, s, r), batch)
     return recurrent._replace(w_out=g_w_out, b_out=g_b_out)
 
 

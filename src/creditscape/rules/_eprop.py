@@ -9,10 +9,14 @@ import jax
 
 from creditscape.rules._base import Rule, register
 from creditscape.rules._core import trace_rule_offline, trace_rule_online
+from creditscape.rules._spiking import spiking_trace_online
 
 
 def _trace_rule(form, cfg, params, struct, batch, noise, feedback, w_bar=None):
-    impl = trace_rule_online if form == "online" else trace_rule_offline
+    if form == "offline":
+        impl = trace_rule_offline
+    else:
+        impl = spiking_trace_online if cfg.spiking else trace_rule_online
     return impl(cfg, params, struct, batch, noise, feedback, w_bar)
 
 
@@ -36,12 +40,15 @@ class EProp(Rule):
     """
 
     name = "eprop"
+    spiking = True
     formula = "g_ij = Σ_t [W_outᵀ e_t]_i · e_ij(t), eligibility e from the leak path only"
     forms = ("offline", "online")
 
     def computation(self, cfg):
-        # Without a leak the eligibility is the immediate term alone: one-step truncated BPTT.
-        return ("tbptt", 1) if cfg.alpha == 0 else super().computation(cfg)
+        # Without a leak the eligibility is the immediate term alone: one-step truncated BPTT
+        # (not for spiking units that adapt or whose readout filters their spikes).
+        own_memory = cfg.form == "alif" or cfg.readout_decay > 0
+        return ("tbptt", 1) if cfg.alpha == 0 and not own_memory else super().computation(cfg)
 
     def gradient(self, cfg, params, struct, state, batch, noise, *, form):
         return _trace_rule(self.check_form(form), cfg, params, struct, batch, noise, params.w_out)
@@ -62,6 +69,7 @@ class RandomEProp(Rule):
     """
 
     name = "eprop_random"
+    spiking = True
     formula = "g_ij = Σ_t [Bᵀ e_t]_i · e_ij(t), B fixed random, eligibility from the leak path"
     forms = ("offline", "online")
 

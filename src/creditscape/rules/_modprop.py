@@ -47,6 +47,7 @@ class ModProp(MDGL):
     """
 
     name = "modprop"
+    spiking = False  # its hop is written for the rate-model forms
     formula = "g_ij = Σ_t [Σ_s (R̄ᵀ)^s L_{t+s}]_i · e_ij(t), R̄ᵀL = (1-α) W̄ᵀ(μ⊙L), μ = mean φ'; hops s ≤ S (all)"
     forms = ("offline",)
     hops: int | None = None
