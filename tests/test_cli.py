@@ -13,6 +13,7 @@ from conftest import MNIST_DIR, REQUIRE_MNIST
 from creditscape._files import exclusive, load_arrays
 from creditscape.cli import main
 from creditscape.config import ConfigError, load, resolve
+from creditscape.rules import check_network
 
 TINY = """
 name = "tiny"
@@ -267,7 +268,8 @@ def test_quick_preset_resolves():
 
 
 @pytest.mark.parametrize("name", ["paper-neuro", "paper-neuro-matched", "remedies", "paper-smnist", "paper-smnist-rules",
-                                  "paper-smnist-leaky", "paper-smnist-matched", "measures", "noise", "ingredients"])
+                                  "paper-smnist-leaky", "paper-smnist-matched", "measures", "noise", "ingredients",
+                                  "rule-zoo", "spiking"])
 def test_every_preset_resolves(name, isolated_home, tmp_path):
     if "smnist" in name:
         with pytest.raises(ConfigError, match="MNIST files not found"):
@@ -283,7 +285,7 @@ def test_every_preset_resolves(name, isolated_home, tmp_path):
         assert [s.train_config(train).steps // s.train_config(train).eval_every for s in exp.rules] == [40, 40]
         assert exp.cells[0].noise_levels == (0.2,) and exp.measure.curvature_block == "w_rec"
     for spec in exp.rules:  # MDGL has cell types to average over; no computation runs twice
-        spec.rule.check_model(exp.cells[0].model)
+        check_network(spec.rule, exp.cells[0].model)
     keys = [s.rule.computation(exp.cells[0].model) for s in exp.rules]
     assert len(set(keys)) == len(keys)
     if name.endswith("-matched"):
