@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cases import assert_close, draw, flat, light_or_heavy
+from conftest import MNIST_DIR, needs_mnist
 from creditscape import _reference as ref
 from creditscape import model as M
 from creditscape.curvature import block_loss, dense_hessian, hvp, lanczos
@@ -224,3 +225,55 @@ def test_spiking_networks_train_with_every_spiking_rule_and_the_probe():
                              probe=probe, progress=False)
         assert np.all(res.diverged_at == -1) and np.all(np.isfinite(res.evals["lambda_max"]))
         assert np.all(res.losses[:, -10:].mean(1) < res.losses[:, :10].mean(1)), (rule, res.losses)
+
+
+@pytest.mark.parametrize("name", light_or_heavy(IDS, {"alif-hard-refractory-filter"}))
+def test_the_firing_rate_regularizer_is_credited_by_every_rule_as_its_definition_says(name):
+    """R = c Σ_i (f̄_i − f₀)² joins the loss (Bellec et al. 2020): BPTT's gradient of it equals its
+    path sum (and RTRL's); each approximate rule credits its learning signal ∂R/∂z_t through the
+    same paths as the task's (online == offline == the reference), and R moves every estimate."""
+    cfg, params, struct, batch, noise = _draw(name, seed=7, rate_regularization=3.0, target_rate=0.05)
+    plain = dataclasses.replace(cfg, rate_regularization=0.0)
+    g_bptt = _grad(get_rule("bptt"), cfg, params, struct, batch, noise)[1]
+    assert_close(recurrent_part(g_bptt), ref.reference_gradient(cfg, params, struct, batch, "exact"))
+    assert_close(_grad(get_rule("rtrl"), cfg, params, struct, batch, noise)[1], g_bptt)
+    rules = [("tbptt", dict(k=2), "tbptt"), ("eprop", {}, "eprop"), ("mdgl", dict(modulatory="exact"), "mdgl")]
+    for rule_name, options, reference in rules:
+        rule = get_rule(rule_name, **options)
+        g_off = _grad(rule, cfg, params, struct, batch, noise, form="offline")[1]
+        extra = dict(k=2) if rule_name == "tbptt" else dict(w_bar=modulatory_weights(cfg, params, struct, "exact")) \
+            if rule_name == "mdgl" else {}
+        assert_close(recurrent_part(g_off), ref.reference_gradient(cfg, params, struct, batch, reference, **extra))
+        if rule_name == "mdgl":
+            with pytest.raises(ValueError, match="firing-rate regularizer"):
+                _grad(rule, cfg, params, struct, batch, noise, form="online")
+        else:
+            assert_close(_grad(rule, cfg, params, struct, batch, noise, form="online")[1], g_off)
+        assert _differs(g_off, _grad(rule, plain, params, struct, batch, noise, form="offline")[1], 1e-3)
+    loss, _ = _grad(get_rule("eprop"), cfg, params, struct, batch, noise, form="online")
+    z = np.asarray(M.run(cfg, params, struct, noise.x, noise.xi)[1])
+    penalty = 3.0 * np.sum((z.mean(axis=(0, 1)) - 0.05) ** 2)
+    np.testing.assert_allclose(loss, _grad(get_rule("eprop"), plain, params, struct, batch, noise)[0] + penalty, rtol=1e-12)
+
+
+@needs_mnist
+def test_sequential_mnist_spike_encodings():
+    from creditscape.tasks import get_task, make_splits
+
+    analog = get_task("smnist", pixel=True, mnist_dir=str(MNIST_DIR))
+    pixels = make_splits(analog, 16, 8, seed=3, noise_levels=()).train.x[..., 0]
+    crossing = get_task("smnist", pixel=True, encoding="threshold", mnist_dir=str(MNIST_DIR))
+    assert crossing.n_in == 80
+    splits = make_splits(crossing, 16, 8, seed=3, noise_levels=())
+    x = splits.train.x.reshape(16, 784, 2, 40)  # the same images: the encoding draws nothing
+    # Up minus down crossings, summed over time, count the thresholds at or below each pixel.
+    below = np.cumsum(x[:, :, 0] - x[:, :, 1], axis=1)
+    np.testing.assert_array_equal(below, (pixels[..., None] >= (np.arange(40) + 0.5) / 40))
+    assert set(np.unique(x)) <= {0.0, 1.0} and "pixel noise" in splits.perturbed
+    poisson = make_splits(get_task("smnist", encoding="poisson", mnist_dir=str(MNIST_DIR)), 256, 8, seed=3,
+                          noise_levels=()).train.x
+    rows = make_splits(get_task("smnist", mnist_dir=str(MNIST_DIR)), 256, 8, seed=3, noise_levels=()).train.x
+    assert set(np.unique(poisson)) == {0.0, 1.0}
+    assert abs(poisson.mean() - rows.mean()) < 4 * np.sqrt(rows.mean() / poisson.size)  # spikes with p = pixel
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        get_task("smnist", encoding="latency")

@@ -17,8 +17,9 @@ from creditscape import model as _model
 from creditscape.objective import loss_weights, step_losses
 
 
-def _pieces(cfg, params, struct, x, xi, target, weights, feedback):
-    """Per-step dense quantities of one sequence (x: (T, n_in))."""
+def _pieces(cfg, params, struct, x, xi, target, weights, feedback, rate_signal):
+    """Per-step dense quantities of one sequence (x: (T, n_in)); ``rate_signal`` (N,): the firing-rate
+    regularizer's ∂R/∂z_t (the same at every step), or 0."""
     rec = params._replace(w_out=None, b_out=None)
     theta, unravel = ravel_pytree(rec)
     full = lambda th: unravel(th)._replace(w_out=params.w_out, b_out=params.b_out)
@@ -50,7 +51,7 @@ def _pieces(cfg, params, struct, x, xi, target, weights, feedback):
         signal = np.asarray(feedback).T @ e  # learning signal w.r.t. what readout t reads
         drds = np.asarray(jax.jacobian(read)(jnp.asarray(s)))
         out["dzds"].append(np.asarray(jax.jacobian(lambda s_: _model.activity(cfg, s_))(jnp.asarray(s))))
-        out["c"].append(signal @ drds)  # w.r.t. s_t
+        out["c"].append(signal @ drds + rate_signal @ out["dzds"][-1])  # w.r.t. s_t
         out["L"].append(signal)
         out["drds"].append(drds)
     return out, unravel
@@ -99,10 +100,15 @@ def reference_gradient(cfg, params, struct, batch, rule: str, *, k: int | None =
     of steps or ModProp's number of hops; ``slope`` ModProp's μ (None: each unit's φ')."""
     feedback = params.w_out if feedback is None else feedback
     weights = np.asarray(loss_weights(cfg, batch.mask))
+    rate_signal = np.zeros(cfg.n_rec)
+    if cfg.rate_regularization:  # R = c Σ_i (f̄_i − f₀)²: ∂R/∂z_{b,t,i} = 2c (f̄_i − f₀) / (B·T)
+        z = np.asarray(_model.run(cfg, params, struct, batch.x, xi)[1])
+        rate_signal = 2 * cfg.rate_regularization * (z.mean(axis=(0, 1)) - cfg.target_rate) / (z.shape[0] * z.shape[1])
     total, unravel = None, None
     for b in range(batch.x.shape[0]):
         xb = None if xi is None else xi[b]
-        pc, unravel = _pieces(cfg, params, struct, batch.x[b], xb, batch.target[b], weights[b], feedback)
+        pc, unravel = _pieces(cfg, params, struct, batch.x[b], xb, batch.target[b], weights[b], feedback, rate_signal)
+        pc["rate"] = rate_signal
         n_steps, n_par = len(pc["J"]), pc["n_par"]
         g = np.zeros(n_par)
         # Immediate term of step t (1-based); step 1 includes the path through a learned s0.
@@ -185,7 +191,7 @@ def _spiking_trace_rule(cfg, pc, rule, w_bar):
         return sum(pc["c"][t] @ e_list[t] for t in range(n_steps))
     kappa = cfg.readout_decay
     filt = lambda lag: (1 - kappa) * kappa**lag if kappa else float(lag == 0)  # ∂ρ_{t+lag}/∂z_t
-    lz = [sum(pc["L"][tp] * filt(tp - t) for tp in range(t, n_steps)) for t in range(n_steps)]
+    lz = [pc["rate"] + sum(pc["L"][tp] * filt(tp - t) for tp in range(t, n_steps)) for t in range(n_steps)]
     psi = [np.diag(pc["dzds"][t][:, :n]) for t in range(n_steps)]
     g = 0.0
     for t in range(n_steps):

@@ -111,6 +111,9 @@ class ModelConfig:
         surrogate: the pseudo-derivative ψ of the spike (:func:`pseudo_derivative`).
         dampening: γ, ψ's height (0.3 in Bellec et al. 2020).
         readout_decay: κ ∈ [0, 1) of the readout's low-pass filter of the spikes (0: no filter).
+        rate_regularization: c ≥ 0 of the firing-rate regularizer c Σ_i (f̄_i − f₀)² added to the
+            loss (Bellec et al. 2020), f̄_i unit i's mean spike count per step over the batch.
+        target_rate: f₀, its target in spikes per step (0.01 = 10 Hz at dt = 1 ms).
     """
 
     n_in: int
@@ -139,6 +142,8 @@ class ModelConfig:
     surrogate: str = "piecewise_linear"
     dampening: float = 0.3
     readout_decay: float = 0.0
+    rate_regularization: float = 0.0
+    target_rate: float = 0.01
 
     def __post_init__(self):
         def bad(field, value, expected):
@@ -172,8 +177,9 @@ class ModelConfig:
         if self.readout_steps is not None and (not isinstance(self.readout_steps, int) or self.readout_steps < 1):
             bad("readout_steps", self.readout_steps, "a positive integer, or None (a readout at every step)")
         if not self.spiking:
-            if self.readout_decay:
-                bad("readout_decay", self.readout_decay, f"0 for form={self.form!r} (a readout filter of spikes: forms {SPIKING})")
+            for f in ("readout_decay", "rate_regularization"):
+                if getattr(self, f):
+                    bad(f, getattr(self, f), f"0 for form={self.form!r} (it acts on spikes: forms {SPIKING})")
             return
         if not 0 < self.threshold < math.inf:
             bad("threshold", self.threshold, "a positive firing threshold")
@@ -189,6 +195,9 @@ class ModelConfig:
             bad("dampening", self.dampening, "a positive height of the pseudo-derivative")
         if not 0 <= self.readout_decay < 1:
             bad("readout_decay", self.readout_decay, "a filter decay κ in [0, 1)")
+        if not (0 <= self.rate_regularization < math.inf and 0 <= self.target_rate <= 1):
+            bad("rate_regularization/target_rate", (self.rate_regularization, self.target_rate),
+                "c >= 0 and a target in [0, 1] spikes per step")
         if self.learn_init_state or self.leak_spread:
             bad("learn_init_state/leak_spread", (self.learn_init_state, self.leak_spread),
                 f"off for spiking forms (not built for form={self.form!r}): set learn_init_state = false, leak_spread = 0")

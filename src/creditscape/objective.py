@@ -111,19 +111,32 @@ def l2_gradient(params: Params) -> Params:
                   jnp.zeros_like(params.b_out), zero(params.s0))
 
 
+def rate_penalty(cfg: ModelConfig, z: jax.Array) -> jax.Array:
+    """The firing-rate regularizer c Σ_i (f̄_i − f₀)² of spike trains z (B, T, N), f̄_i the mean of
+    z_{·,·,i} over the batch and the steps (``model.rate_regularization``, ``model.target_rate``)."""
+    return cfg.rate_regularization * jnp.sum((jnp.mean(z, axis=(0, 1)) - cfg.target_rate) ** 2)
+
+
 def exact_loss(
     cfg: ModelConfig, params: Params, struct: Structure, batch: Batch, noise: Noise | None = None
 ) -> jax.Array:
-    """The exact loss L(θ) (no L2) of ``batch``; ``noise`` defaults to none (clean inputs)."""
+    """The exact loss L(θ) (no L2) of ``batch``, with a spiking network's firing-rate regularizer
+    when it has one; ``noise`` defaults to none (clean inputs)."""
     x, xi = (batch.x, None) if noise is None else noise
-    return loss_from_outputs(cfg, _model.outputs(cfg, params, struct, x, xi), batch)
+    if not cfg.rate_regularization:
+        return loss_from_outputs(cfg, _model.outputs(cfg, params, struct, x, xi), batch)
+    s, z, _ = _model.run(cfg, params, struct, x, xi)
+    silent = _model.steps_without_readout(cfg, x.shape[1])
+    y = _model.readout(params, _model.readout_input(cfg, s, z)[:, silent:])
+    return loss_from_outputs(cfg, y, batch) + rate_penalty(cfg, z)
 
 
 EVAL_CHUNK = 4096
 
 
 def evaluate(cfg: ModelConfig, params: Params, struct: Structure, batch: Batch, chunk: int = EVAL_CHUNK):
-    """(loss, accuracy) of ``batch`` without noise.
+    """(loss, accuracy) of ``batch`` without noise; the loss is the task's (a firing-rate
+    regularizer, part of the training objective, is not a property of a held-out set).
 
     Sets larger than ``chunk`` sequences go through the network ``chunk`` at a time (``lax.map``),
     so memory stays that of one chunk (the 55,000 training images of sequential MNIST, say).

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from creditscape import model as _model
-from creditscape.objective import exact_loss
+from creditscape.objective import exact_loss, rate_penalty
 from creditscape.rules._base import Rule, register
 from creditscape.rules._core import forward_sensitivity, output_error
 
@@ -95,9 +95,14 @@ def _tbptt_offline(cfg, params, struct, batch, noise, k):
             return jnp.where(tau >= 1, s_new, s_prev), None
 
         s_end, _ = jax.lax.scan(body, s_start, jnp.arange(k))
-        return _model.readout_input(cfg, s_end, _model.activity(cfg, s_end))
+        z_end = _model.activity(cfg, s_end)
+        return _model.readout_input(cfg, s_end, z_end), z_end
 
     times = jnp.arange(1, n_steps + 1)
     _, pullback = jax.vjp(lambda p: jax.vmap(lambda t: window_activity(p, t))(times), params)
-    (g,) = pullback(signal)
+    on_spikes = jnp.zeros_like(signal)
+    if cfg.rate_regularization:  # ∂R/∂z_t, carried back through the same K steps
+        penalty, on_spikes = jax.value_and_grad(lambda z: rate_penalty(cfg, z))(r_all)
+        loss, on_spikes = loss + penalty, jnp.swapaxes(on_spikes, 0, 1)
+    (g,) = pullback((signal, on_spikes))
     return loss, g._replace(w_out=g_w_out, b_out=g_b_out)

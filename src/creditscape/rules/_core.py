@@ -28,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 
 from creditscape import model as _model
 from creditscape.model import ModelConfig, Params, Structure
-from creditscape.objective import Batch, Noise, loss_from_outputs, loss_weights, step_losses
+from creditscape.objective import Batch, Noise, loss_from_outputs, loss_weights, rate_penalty, step_losses
 
 
 def phi_prime(cfg: ModelConfig, z: jax.Array) -> jax.Array:
@@ -146,6 +146,9 @@ def trace_rule_offline(
 
     loss, e, g_w_out, g_b_out = output_error(cfg, params, _model.readout_input(cfg, s, r), batch)
     signal = activity_signal(cfg, e @ feedback)
+    if cfg.rate_regularization:  # its learning signal ∂R/∂z_t, the same at every step
+        penalty, on_spikes = jax.value_and_grad(lambda z: rate_penalty(cfg, z))(r)
+        loss, signal = loss + penalty, signal + on_spikes
     if w_bar is not None:
         slope = activity_slope(cfg, s, u)
         if mean_slope:
@@ -341,16 +344,34 @@ def forward_sensitivity(
             sens = jnp.concatenate([immediate[None], moved], axis=0)  # (K, B, N, P)
             m_t = sens.sum(axis=0)
         loss_t, c_t = step_signal(cfg, params, w_t, target_t, s)
-        loss, g = acc
-        return (s, sens, jnp.zeros_like(m_start), (loss + loss_t, g + jnp.einsum("bn,bnp->p", c_t, m_t))), None
+        loss, g, spikes = acc
+        g = g + jnp.einsum("bn,bnp->p", c_t, m_t)
+        if cfg.rate_regularization:  # Σ_{b,t} (z_t, ∂z_t/∂θ), for the regularizer at the end
+            z_t, dz = jax.vmap(lambda m: jax.jvp(lambda s_: _model.activity(cfg, s_), (s,), (m,)), in_axes=2,
+                               out_axes=(None, 2))(m_t)
+            spikes = (spikes[0] + z_t.sum(0), spikes[1] + dz.sum(0))
+        return (s, sens, jnp.zeros_like(m_start), (loss + loss_t, g, spikes)), None
 
     if window is None:
         sens0 = jnp.zeros((bsz, _model.state_size(cfg), n_par), dtype)
     else:
         sens0 = jnp.zeros((window, bsz, _model.state_size(cfg), n_par), dtype)
-    acc0 = (jnp.zeros((), dtype), jnp.zeros((n_par,), dtype))
-    (_, _, _, (loss, g)), _ = jax.lax.scan(body, (s_init, sens0, m0, acc0), time_major(cfg, batch, noise))
+    spikes0 = (jnp.zeros((cfg.n_rec,), dtype), jnp.zeros((cfg.n_rec, n_par), dtype)) if cfg.rate_regularization else ()
+    acc0 = (jnp.zeros((), dtype), jnp.zeros((n_par,), dtype), spikes0)
+    (_, _, _, (loss, g, spikes)), _ = jax.lax.scan(body, (s_init, sens0, m0, acc0), time_major(cfg, batch, noise))
+    if cfg.rate_regularization:
+        penalty, on_spikes = rate_penalty_from_counts(cfg, spikes[0], batch.x.shape[:2])
+        loss, g = loss + penalty, g + on_spikes @ spikes[1]
     return loss, with_readout(cfg, params, struct, noise, batch, unravel(g))
+
+
+def rate_penalty_from_counts(cfg: ModelConfig, counts: jax.Array, shape: tuple[int, int]):
+    """(R, ∂R/∂z_{t,i}) from the spike counts Σ_{b,t} z_t (N,) of a batch of ``shape`` (B, T):
+    R = c Σ_i (f̄_i − f₀)² with f̄ = counts / (B·T), whose signal on every spike of unit i is
+    2c (f̄_i − f₀)/(B·T) — what a forward-in-time rule multiplies its accumulated Σ_{b,t} ∂z_t/∂θ by."""
+    n = shape[0] * shape[1]
+    penalty, slope = jax.value_and_grad(lambda f: rate_penalty(cfg, f[None, None]))(counts / n)
+    return penalty, slope / n
 
 
 def with_readout(cfg: ModelConfig, params: Params, struct: Structure, noise: Noise, batch: Batch,
