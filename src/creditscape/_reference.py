@@ -17,9 +17,10 @@ from creditscape import model as _model
 from creditscape.objective import loss_weights, step_losses
 
 
-def _pieces(cfg, params, struct, x, xi, target, weights, feedback, rate_signal):
+def _pieces(cfg, params, struct, x, xi, target, weights, feedback, rate_signal=None):
     """Per-step dense quantities of one sequence (x: (T, n_in)); ``rate_signal`` (N,): the firing-rate
-    regularizer's ∂R/∂z_t (the same at every step), or 0."""
+    regularizer's ∂R/∂z_t (the same at every step), None without one."""
+    rate_signal = np.zeros(cfg.n_rec) if rate_signal is None else rate_signal
     rec = params._replace(w_out=None, b_out=None)
     theta, unravel = ravel_pytree(rec)
     full = lambda th: unravel(th)._replace(w_out=params.w_out, b_out=params.b_out)
