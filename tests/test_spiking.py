@@ -101,7 +101,7 @@ def test_the_spike_derivatives_are_the_pseudo_derivative_and_its_slope(surrogate
                                rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", light_or_heavy(IDS, {"lif-dale", "alif-hard-refractory-filter"}))
+@pytest.mark.parametrize("name", light_or_heavy(IDS, {"alif-hard-refractory-filter"}))
 def test_exact_rules_are_the_surrogate_path_sum(name):
     cfg, params, struct, batch, noise = _draw(name, seed=1, noise=name.startswith("alif"))
     loss, g_bptt = _grad(get_rule("bptt"), cfg, params, struct, batch, noise)
@@ -119,8 +119,7 @@ def test_exact_rules_are_the_surrogate_path_sum(name):
 
 @pytest.mark.parametrize("rule_name,name", light_or_heavy(
     [(r, n) for r in ("eprop", "eprop_random") for n in IDS],
-    {("eprop", "alif-sparse-types"), ("eprop", "alif-hard-refractory-filter"), ("eprop", "lif-filter-superspike-mse"),
-     ("eprop_random", "lif-dale")}))
+    {("eprop", "alif-hard-refractory-filter"), ("eprop_random", "lif-dale")}))
 def test_eprop_online_equals_offline_equals_its_eligibility_vectors(name, rule_name):
     cfg, params, struct, batch, noise = _draw(name, seed=2, mask="every", noise=name.startswith("lif"))
     rule = get_rule(rule_name)
@@ -136,7 +135,7 @@ def test_eprop_online_equals_offline_equals_its_eligibility_vectors(name, rule_n
 
 @pytest.mark.parametrize("modulatory,name", light_or_heavy(
     [(m, n) for m in ("cell_type", "exact") for n in IDS],
-    {("cell_type", "lif-dale"), ("cell_type", "alif-hard-refractory-filter"), ("exact", "lif-filter-superspike-mse")}))
+    {("cell_type", "lif-dale"), ("exact", "alif-hard-refractory-filter")}))
 def test_mdgl_is_its_one_hop_path_sum(name, modulatory):
     cfg, params, struct, batch, noise = _draw(name, seed=3)
     rule = get_rule("mdgl", modulatory=modulatory)
@@ -220,7 +219,7 @@ def test_spiking_networks_train_with_every_spiking_rule_and_the_probe():
                         dale_exc_fraction=0.75, readout_steps=task.readout_steps)
     probe = CurvatureProbe(to_device(Batch(*(a[:32] for a in splits.train))), block="w_rec", steps=8)
     tcfg = TrainConfig(learning_rate=0.01, steps=40, eval_every=20, batch_size=16)
-    for rule, form in [("bptt", None), ("eprop", "online"), ("mdgl", "offline")]:
+    for rule, form in [("eprop", "online"), ("mdgl", "offline")]:  # (BPTT trains in the shortened preset's run)
         res = train_ensemble(cfg, get_rule(rule), dataclasses.replace(tcfg, form=form), [0, 1], splits.train,
                              probe=probe, progress=False)
         assert np.all(res.diverged_at == -1) and np.all(np.isfinite(res.evals["lambda_max"]))
@@ -277,3 +276,18 @@ def test_sequential_mnist_spike_encodings():
     assert abs(poisson.mean() - rows.mean()) < 4 * np.sqrt(rows.mean() / poisson.size)  # spikes with p = pixel
     with pytest.raises(ValueError, match="encoding must be one of"):
         get_task("smnist", encoding="latency")
+
+
+def test_the_spiking_preset_runs_end_to_end_in_a_shortened_form(tmp_path, capsys):
+    """The `spiking` preset (evidence accumulation, ALIF), shortened (tests/cases.py) to BPTT and to
+    45 steps of 50 ms: it trains, measures curvature and generalization, and writes its report."""
+    from cases import shortened_preset
+    from creditscape.cli import main
+
+    cfg = tmp_path / "spiking.toml"
+    text = shortened_preset("spiking", rules='["bptt"]')
+    cfg.write_text(text.replace('name = "evidence_accumulation"', 'name = "evidence_accumulation"\ndt = 50.0'))
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "report.html" in capsys.readouterr().out
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "alif" in report and "lambda" in report.lower()
