@@ -392,11 +392,15 @@ def spike(x: jax.Array, surrogate: str, dampening: float) -> jax.Array:
 
 def spikes(cfg: ModelConfig, s: jax.Array) -> jax.Array:
     """z_t = H((v_t − A_t)/v_th), zero while refractory, from a spiking network's state."""
-    gap = state_part(cfg, s, "v") - cfg.threshold
-    if cfg.form == "alif":
-        gap = gap - cfg.adapt_strength * state_part(cfg, s, "a")
+    parts = {k: state_part(cfg, s, k) for k in state_parts(cfg)}
+    return _fire(cfg, parts["v"], parts.get("a"), parts.get("ref"))
+
+
+def _fire(cfg: ModelConfig, v, a, ref) -> jax.Array:
+    """z = H((v − v_th − β a)/v_th) · [ref = 0] from the parts of the state (a, ref: None if absent)."""
+    gap = v - cfg.threshold if a is None else v - cfg.threshold - cfg.adapt_strength * a
     z = spike(gap / cfg.threshold, cfg.surrogate, cfg.dampening)
-    return z if not cfg.refractory else z * (state_part(cfg, s, "ref") == 0)
+    return z if ref is None else z * (ref == 0)
 
 
 def activity(cfg: ModelConfig, s: jax.Array) -> jax.Array:
@@ -468,7 +472,7 @@ def _spiking_step(cfg, alpha, s_prev, z_prev, u):
         new["a"] = cfg.adapt_decay * part("a") + (1 - cfg.adapt_decay) * z_prev
     if cfg.refractory:
         new["ref"] = jax.lax.stop_gradient(jnp.where(fired > 0, float(cfg.refractory), jnp.maximum(part("ref") - 1, 0.0)))
-    z = spikes(cfg, jnp.concatenate([new[k] for k in state_parts(cfg) if k != "trace"], axis=-1))  # r̄ is last
+    z = _fire(cfg, v, new.get("a"), new.get("ref"))
     if cfg.readout_decay:
         new["trace"] = cfg.readout_decay * part("trace") + (1 - cfg.readout_decay) * z
     return jnp.concatenate([new[k] for k in state_parts(cfg)], axis=-1), z
