@@ -22,7 +22,8 @@ N_IN, N_REC, N_OUT = 3, 5, 2
 # path the rules keep or cut carries weight and the equalities below can fail.
 SPIKING_CASES = {
     "lif-dale": dict(form="lif", alpha=0.7, threshold=0.3, dale_exc_fraction=0.6),
-    "alif-sparse-types": dict(form="alif", alpha=0.5, threshold=0.3, connectivity=0.7, cell_types=2),
+    "alif-sparse-types": dict(form="alif", alpha=0.5, threshold=0.3, connectivity=0.7, cell_types=2,
+                              adaptive_fraction=0.6),
     "alif-hard-refractory-filter": dict(form="alif", alpha=0.7, threshold=0.3, reset="hard", refractory=2,
                                         readout_decay=0.7, cell_types=2, adapt_decay=0.8),
     "lif-filter-superspike-mse": dict(form="lif", alpha=0.6, threshold=0.3, readout_decay=0.6, surrogate="superspike",
@@ -65,7 +66,8 @@ def _transcription(cfg, params, struct, x, xi):
         if cfg.form == "alif":
             a = cfg.adapt_decay * a + (1 - cfg.adapt_decay) * z
         ref_ = np.where(z > 0, cfg.refractory, np.maximum(ref_ - 1, 0))
-        limit = cfg.threshold + (cfg.adapt_strength * a if cfg.form == "alif" else 0)
+        beta = cfg.adapt_strength * (np.arange(cfg.n_rec) >= cfg.n_rec - round(cfg.adaptive_fraction * cfg.n_rec))
+        limit = cfg.threshold + (beta * a if cfg.form == "alif" else 0)
         z = ((v > limit) & (ref_ == 0)).astype(float)
         trace = cfg.readout_decay * trace + (1 - cfg.readout_decay) * z
         vs.append(v), zs.append(z), ys.append((trace if cfg.readout_decay else z) @ p.w_out.T + p.b_out)

@@ -108,6 +108,8 @@ class ModelConfig:
         refractory: steps after a spike during which a unit cannot spike (its ψ is 0 there too).
         adapt_decay: ρ ∈ [0, 1) of the adaptive threshold (``"alif"``); ρ = exp(−dt/τ_a).
         adapt_strength: β ≥ 0, the threshold's increase per unit of adaptation a (``"alif"``).
+        adaptive_fraction: the fraction of units that adapt (``"alif"``): the last round(f·N) units
+            have β, the others β = 0 (LIF units), as the LSNNs of Bellec et al. (1: all adapt).
         surrogate: the pseudo-derivative ψ of the spike (:func:`pseudo_derivative`).
         dampening: γ, ψ's height (0.3 in Bellec et al. 2020).
         readout_decay: κ ∈ [0, 1) of the readout's low-pass filter of the spikes (0: no filter).
@@ -139,6 +141,7 @@ class ModelConfig:
     refractory: int = 0
     adapt_decay: float = 0.95
     adapt_strength: float = 1.8
+    adaptive_fraction: float = 1.0
     surrogate: str = "piecewise_linear"
     dampening: float = 0.3
     readout_decay: float = 0.0
@@ -189,6 +192,8 @@ class ModelConfig:
             bad("refractory", self.refractory, "a number of steps >= 0")
         if not (0 <= self.adapt_decay < 1 and 0 <= self.adapt_strength < math.inf):
             bad("adapt_decay/adapt_strength", (self.adapt_decay, self.adapt_strength), "ρ in [0, 1) and β >= 0")
+        if not 0 < self.adaptive_fraction <= 1:
+            bad("adaptive_fraction", self.adaptive_fraction, "a fraction in (0, 1]")
         if self.surrogate not in SURROGATES:
             bad("surrogate", self.surrogate, f"one of {SURROGATES}")
         if not 0 < self.dampening < math.inf:
@@ -396,9 +401,18 @@ def spikes(cfg: ModelConfig, s: jax.Array) -> jax.Array:
     return _fire(cfg, parts["v"], parts.get("a"), parts.get("ref"))
 
 
+def adaptation_strength(cfg: ModelConfig) -> float | jax.Array:
+    """β of every unit of an ALIF network: the scalar β, or (N,) with zeros on the first
+    N − round(f·N) units (LIF) when only a fraction f adapts."""
+    if cfg.adaptive_fraction == 1:
+        return cfg.adapt_strength
+    n_adaptive = round(cfg.adaptive_fraction * cfg.n_rec)
+    return jnp.where(jnp.arange(cfg.n_rec) >= cfg.n_rec - n_adaptive, cfg.adapt_strength, 0.0)
+
+
 def _fire(cfg: ModelConfig, v, a, ref) -> jax.Array:
     """z = H((v − v_th − β a)/v_th) · [ref = 0] from the parts of the state (a, ref: None if absent)."""
-    gap = v - cfg.threshold if a is None else v - cfg.threshold - cfg.adapt_strength * a
+    gap = v - cfg.threshold if a is None else v - cfg.threshold - adaptation_strength(cfg) * a
     z = spike(gap / cfg.threshold, cfg.surrogate, cfg.dampening)
     return z if ref is None else z * (ref == 0)
 

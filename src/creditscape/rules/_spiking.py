@@ -44,7 +44,8 @@ def spiking_trace_online(cfg: ModelConfig, params: Params, struct: Structure, ba
     n, bsz = cfg.n_rec, batch.x.shape[0]
     dtype = params.w_rec.dtype
     n_pre = n + cfg.n_in + 1
-    alpha, rho, beta, kappa = cfg.alpha, cfg.adapt_decay, cfg.adapt_strength, cfg.readout_decay
+    alpha, rho, kappa = cfg.alpha, cfg.adapt_decay, cfg.readout_decay
+    beta = jnp.reshape(_model.adaptation_strength(cfg), (-1, 1))  # β_i along a trace's rows
     alif, hard = cfg.form == "alif", cfg.reset == "hard"
     per_synapse = jnp.zeros((bsz, n, n_pre), dtype)
     # ε^v does not depend on the postsynaptic unit unless a hard reset scales it.
