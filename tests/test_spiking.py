@@ -193,7 +193,8 @@ def test_rules_without_a_spiking_form_refuse_spiking_networks():
         M.ModelConfig(N_IN, N_REC, N_OUT, form="lif", learn_init_state=True)
 
 
-@pytest.mark.parametrize("name", ["alif-sparse-types", "alif-hard-refractory-filter"])
+@pytest.mark.parametrize("name", light_or_heavy(["alif-sparse-types", "alif-hard-refractory-filter"],
+                                                {"alif-hard-refractory-filter"}))
 def test_the_surrogate_hessian_is_symmetric_and_its_estimators_match_it(name):
     """The Hessian of the surrogate loss (docs/measurements.md): forward over reverse mode, every
     spike's derivative ψ in both. It is symmetric, reverse over forward mode gives the same
@@ -210,7 +211,9 @@ def test_the_surrogate_hessian_is_symmetric_and_its_estimators_match_it(name):
     np.testing.assert_allclose(eig.values, dense[:3], rtol=1e-6)
 
 
-def test_spiking_networks_train_with_every_spiking_rule_and_the_probe():
+@pytest.mark.parametrize("rule,form", light_or_heavy([("eprop", "online"), ("mdgl", "offline"), ("bptt", None)],
+                                                     {("eprop", "online")}))
+def test_spiking_networks_train_with_every_spiking_rule_and_the_probe(rule, form):
     from creditscape.objective import Batch
     from creditscape.tasks import get_task, make_splits
     from creditscape.train import CurvatureProbe, TrainConfig, to_device, train_ensemble
@@ -220,41 +223,42 @@ def test_spiking_networks_train_with_every_spiking_rule_and_the_probe():
     cfg = M.ModelConfig(task.n_in, 12, task.n_out, form="alif", alpha=0.8, threshold=0.5, readout_decay=0.5,
                         dale_exc_fraction=0.75, readout_steps=task.readout_steps)
     probe = CurvatureProbe(to_device(Batch(*(a[:32] for a in splits.train))), block="w_rec", steps=8)
-    tcfg = TrainConfig(learning_rate=0.01, steps=40, eval_every=20, batch_size=16)
-    for rule, form in [("eprop", "online"), ("mdgl", "offline")]:  # (BPTT trains in the shortened preset's run)
-        res = train_ensemble(cfg, get_rule(rule), dataclasses.replace(tcfg, form=form), [0, 1], splits.train,
-                             probe=probe, progress=False)
-        assert np.all(res.diverged_at == -1) and np.all(np.isfinite(res.evals["lambda_max"]))
-        assert np.all(res.losses[:, -10:].mean(1) < res.losses[:, :10].mean(1)), (rule, res.losses)
+    tcfg = TrainConfig(learning_rate=0.01, steps=40, eval_every=20, batch_size=16, form=form)
+    res = train_ensemble(cfg, get_rule(rule), tcfg, [0, 1], splits.train, probe=probe, progress=False)
+    assert np.all(res.diverged_at == -1) and np.all(np.isfinite(res.evals["lambda_max"]))
+    assert np.all(np.isfinite(res.evals["rho"]))
+    assert np.all(res.losses[:, -10:].mean(1) < res.losses[:, :10].mean(1)), (rule, res.losses)
 
 
-@pytest.mark.parametrize("name", light_or_heavy(IDS, {"alif-hard-refractory-filter"}))
-def test_the_firing_rate_regularizer_is_credited_by_every_rule_as_its_definition_says(name):
+@pytest.mark.parametrize("name,rule_name", light_or_heavy(
+    [(n, r) for n in IDS for r in ("exact", "tbptt", "eprop", "mdgl")],
+    {("lif-dale", "exact"), ("alif-hard-refractory-filter", "eprop")}))
+def test_the_firing_rate_regularizer_is_credited_by_every_rule_as_its_definition_says(name, rule_name):
     """R = c Σ_i (f̄_i − f₀)² joins the loss (Bellec et al. 2020): BPTT's gradient of it equals its
     path sum (and RTRL's); each approximate rule credits its learning signal ∂R/∂z_t through the
     same paths as the task's (online == offline == the reference), and R moves every estimate."""
     cfg, params, struct, batch, noise = _draw(name, seed=7, rate_regularization=3.0, target_rate=0.05)
     plain = dataclasses.replace(cfg, rate_regularization=0.0)
-    g_bptt = _grad(get_rule("bptt"), cfg, params, struct, batch, noise)[1]
-    assert_close(recurrent_part(g_bptt), ref.reference_gradient(cfg, params, struct, batch, "exact"))
-    assert_close(_grad(get_rule("rtrl"), cfg, params, struct, batch, noise)[1], g_bptt)
-    rules = [("tbptt", dict(k=2), "tbptt"), ("eprop", {}, "eprop"), ("mdgl", dict(modulatory="exact"), "mdgl")]
-    for rule_name, options, reference in rules:
-        rule = get_rule(rule_name, **options)
-        g_off = _grad(rule, cfg, params, struct, batch, noise, form="offline")[1]
-        extra = dict(k=2) if rule_name == "tbptt" else dict(w_bar=modulatory_weights(cfg, params, struct, "exact")) \
-            if rule_name == "mdgl" else {}
-        assert_close(recurrent_part(g_off), ref.reference_gradient(cfg, params, struct, batch, reference, **extra))
-        if rule_name == "mdgl":
-            with pytest.raises(ValueError, match="firing-rate regularizer"):
-                _grad(rule, cfg, params, struct, batch, noise, form="online")
-        else:
-            assert_close(_grad(rule, cfg, params, struct, batch, noise, form="online")[1], g_off)
-        assert _differs(g_off, _grad(rule, plain, params, struct, batch, noise, form="offline")[1], 1e-3)
-    loss, _ = _grad(get_rule("eprop"), cfg, params, struct, batch, noise, form="online")
+    if rule_name == "exact":
+        g_bptt = _grad(get_rule("bptt"), cfg, params, struct, batch, noise)[1]
+        assert_close(recurrent_part(g_bptt), ref.reference_gradient(cfg, params, struct, batch, "exact"))
+        assert_close(_grad(get_rule("rtrl"), cfg, params, struct, batch, noise)[1], g_bptt)
+        assert _differs(g_bptt, _grad(get_rule("bptt"), plain, params, struct, batch, noise)[1], 1e-3)
+        return
+    options, extra = {"tbptt": (dict(k=2), dict(k=2)), "eprop": ({}, {}),
+                      "mdgl": (dict(modulatory="exact"), dict(w_bar=modulatory_weights(cfg, params, struct, "exact")))}[rule_name]
+    rule = get_rule(rule_name, **options)
+    loss, g_off = _grad(rule, cfg, params, struct, batch, noise, form="offline")
+    assert_close(recurrent_part(g_off), ref.reference_gradient(cfg, params, struct, batch, rule_name, **extra))
+    if rule_name == "mdgl":
+        with pytest.raises(ValueError, match="firing-rate regularizer"):
+            _grad(rule, cfg, params, struct, batch, noise, form="online")
+    else:
+        assert_close(_grad(rule, cfg, params, struct, batch, noise, form="online")[1], g_off)
+    assert _differs(g_off, _grad(rule, plain, params, struct, batch, noise, form="offline")[1], 1e-3)
     z = np.asarray(M.run(cfg, params, struct, noise.x, noise.xi)[1])
     penalty = 3.0 * np.sum((z.mean(axis=(0, 1)) - 0.05) ** 2)
-    np.testing.assert_allclose(loss, _grad(get_rule("eprop"), plain, params, struct, batch, noise)[0] + penalty, rtol=1e-12)
+    np.testing.assert_allclose(loss, _grad(rule, plain, params, struct, batch, noise, form="offline")[0] + penalty, rtol=1e-12)
 
 
 @needs_mnist
