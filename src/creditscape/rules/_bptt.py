@@ -96,13 +96,13 @@ def _tbptt_offline(cfg, params, struct, batch, noise, k):
 
         s_end, _ = jax.lax.scan(body, s_start, jnp.arange(k))
         z_end = _model.activity(cfg, s_end)
-        return _model.readout_input(cfg, s_end, z_end), z_end
+        read = _model.readout_input(cfg, s_end, z_end)
+        return (read, z_end) if cfg.rate_regularization else read  # the spikes only where R needs them
 
     times = jnp.arange(1, n_steps + 1)
     _, pullback = jax.vjp(lambda p: jax.vmap(lambda t: window_activity(p, t))(times), params)
-    on_spikes = jnp.zeros_like(signal)
     if cfg.rate_regularization:  # ∂R/∂z_t, carried back through the same K steps
         penalty, on_spikes = jax.value_and_grad(lambda z: rate_penalty(cfg, z))(r_all)
-        loss, on_spikes = loss + penalty, jnp.swapaxes(on_spikes, 0, 1)
-    (g,) = pullback((signal, on_spikes))
+        loss, signal = loss + penalty, (signal, jnp.swapaxes(on_spikes, 0, 1))
+    (g,) = pullback(signal)
     return loss, g._replace(w_out=g_w_out, b_out=g_b_out)

@@ -201,8 +201,7 @@ def trace_rule_online(
             trace = a_post * trace + (1 - a_post) * slope[:, :, None] * p[:, None, :]
         decay = a * decay  # leak-only eligibility of s0: α_i^t
         y = _model.readout(params, r)
-        step_loss = lambda y_: jnp.sum(w_t * step_losses(cfg, y_[:, None], target_t[:, None])[:, 0])
-        loss_t, e_t = jax.value_and_grad(step_loss)(y)
+        loss_t, e_t = step_output_error(cfg, w_t, target_t, y)
         signal = e_t @ feedback
         # Credit the previous step, now that its MDGL hop is known.
         prev_trace, prev_decay, prev_signal, prev_slope = prev
@@ -265,6 +264,11 @@ def drive_slope(cfg: ModelConfig, struct: Structure, u: jax.Array) -> jax.Array:
     (1 − α_i) (voltage form) or (1 − α_i) φ'(u_{t,i}) (rate form); ∂s_t/∂W_ij = δ_ki D_{t,i} p_{t,j}."""
     slope = 1 - _model.leak(cfg, struct)
     return slope * (jnp.ones_like(u) if cfg.form == "voltage" else phi_prime(cfg, u))
+
+
+def step_output_error(cfg: ModelConfig, weight_t: jax.Array, target_t: jax.Array, y: jax.Array):
+    """(ℓ_t, e_t = ∂ℓ_t/∂y_t) of one step from its readouts y (B, n_out): weighted loss and output error."""
+    return jax.value_and_grad(lambda y_: jnp.sum(weight_t * step_losses(cfg, y_[:, None], target_t[:, None])[:, 0]))(y)
 
 
 def step_signal(cfg: ModelConfig, params: Params, weight_t: jax.Array, target_t: jax.Array, s: jax.Array):

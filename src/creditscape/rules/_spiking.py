@@ -26,9 +26,10 @@ import jax.numpy as jnp
 
 from creditscape import model as _model
 from creditscape.model import ModelConfig, Params, Structure
-from creditscape.objective import Batch, Noise, step_losses
+from creditscape.objective import Batch, Noise
 from creditscape.rules._core import (
-    activity_slope, mdgl_hop, presynaptic_gradient, presynaptic_input, rate_penalty_from_counts, time_major,
+    activity_slope, mdgl_hop, presynaptic_gradient, presynaptic_input, rate_penalty_from_counts, step_output_error,
+    time_major,
 )
 
 
@@ -67,8 +68,7 @@ def spiking_trace_online(cfg: ModelConfig, params: Params, struct: Structure, ba
             ebar = kappa * ebar + (1 - kappa) * own
             elig = ebar
         read = _model.readout_input(cfg, s, z)
-        step_loss = lambda y_: jnp.sum(w_t * step_losses(cfg, y_[:, None], target_t[:, None])[:, 0])
-        loss_t, e_t = jax.value_and_grad(step_loss)(_model.readout(params, read))
+        loss_t, e_t = step_output_error(cfg, w_t, target_t, _model.readout(params, read))
         signal = e_t @ feedback
         prev_elig, prev_signal = prev
         if w_bar is not None:  # credit the previous step, now that its hop is known
