@@ -174,9 +174,10 @@ def torch_eager(train, repeats: int) -> dict | None:
             "device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"}
 
 
-def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1):
+def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1, matmul_precision="highest"):
     cfg = model_config(n_rec, readout_steps)
-    tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK, form=form)
+    tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK, form=form,
+                       matmul_precision=matmul_precision)
     chunk = make_chunk(cfg, rule, tcfg)
     states, structs = init_ensemble(cfg, rule, tcfg, list(range(seeds)))
     # make_chunk donates its state argument: keep a copy to call it repeatedly on the same input.

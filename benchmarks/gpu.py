@@ -1,66 +1,210 @@
-"""The whole benchmark suite plus the `paper-smnist` timing, in one command, into one JSON.
+"""The GPU figures of docs/performance.md in one prepared run, stage by stage within a time budget.
 
-    python benchmarks/gpu.py --mnist-dir DIR [--out gpu-results.json] [--skip-preset]
+    python benchmarks/gpu.py --mnist-dir DIR [--out DIR] [--budget SECONDS] [--stages a,b,...]
 
-Meant for a CUDA machine (it runs anywhere JAX runs and records which device it used):
-1. ``bench.py`` (every ratio of docs/performance.md, plus 128-seed scaling at the
-   sequential-MNIST shape, in seed-steps per second);
-2. the `paper-smnist` preset end to end — 2 rules × 5 seeds, full length (10,000 / 16,000
-   iterations), λ_max of W_rec at 40 points, final measurements and report — timed by wall clock
-   (target: under 5 minutes on one GPU);
-3. with ``--tests``, the float64 equivalence tests of the rules and estimators on that device
-   (needs pytest there).
-The JSON holds the device, the versions and every figure.
+Meant for a CUDA machine lent for a few minutes (it runs anywhere JAX runs and records the
+device). Each stage writes its figures into OUT/gpu.json as soon as it ends, so a run stopped
+at its limit keeps what it measured; a stage that fails records its error and the next one runs.
+Stages, in order of what matters most:
+
+- ``scaling``: creditscape's BPTT training step at the sequential-MNIST shape (N = 128, T = 28,
+  batch 256, SGD; benchmarks/bench.py's) in seed-steps per second at 1–512 seeds, with float32
+  products in full precision (``train.matmul_precision = "highest"``, the default) and in TF32;
+  the minimal JAX loop and PyTorch's eager loop at one seed beside it;
+- ``hvp``: Hessian-vector product over gradient (all parameters, batch 256);
+- ``preset``: the `paper-smnist` preset end to end (2 rules × 5 seeds, 10,000 / 16,000
+  iterations, 40 curvature points, the final passes over 75,000 images, the report), wall clock;
+- ``precision``: benchmarks/matmul_precision.py — every rule's float32 gradient under each
+  precision against float64;
+- ``tests``: the float64 rule, curvature and spiking tests (``make test``'s part) on this device;
+- ``rules``: every rule's step relative to BPTT's at one seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import jax  # noqa: E402
+
+import bench  # noqa: E402  (benchmarks/bench.py: the shapes, timers and the baselines)
+from creditscape.rules import get_rule  # noqa: E402
+
+STAGES = ("scaling", "hvp", "preset", "precision", "tests", "rules")
+# One BPTT training step of one seed at the sequential-MNIST shape: the forward pass is
+# 2·(N² + N·n_in) per step and sequence, the backward pass twice that.
+FLOP_PER_SEED_STEP = 3 * 2 * (bench.N ** 2 + bench.N * bench.N_IN) * bench.T * bench.B
+
+
+def seed_steps_per_second(seeds: int, precision: str) -> float:
+    chunk = bench.creditscape_chunk(get_rule("bptt"), None, TRAIN, seeds=seeds, matmul_precision=precision)
+    return seeds * bench.CHUNK / bench.timed(chunk, repeats=5)
+
+
+def scaling(seeds: list[int]) -> dict:
+    out = {"flop_per_seed_step": FLOP_PER_SEED_STEP, "seed_steps_per_second": {}}
+    for precision, counts in (("highest", seeds), ("tensorfloat32", seeds[-2:])):
+        row = out["seed_steps_per_second"][precision] = {}
+        for n in counts:
+            row[n] = seed_steps_per_second(n, precision)
+            print(f"  bptt, {precision:13s} {n:4d} seeds: {row[n]:9.0f} seed-steps/s "
+                  f"({row[n] * FLOP_PER_SEED_STEP / 1e12:.1f} TFLOP/s)", flush=True)
+    with jax.default_matmul_precision("highest"):
+        ceiling, one, ratio = bench.paired(bench.minimal_jax_chunk(TRAIN),
+                                           bench.creditscape_chunk(get_rule("bptt"), None, TRAIN), rounds=3)
+    out["one_seed"] = {"minimal_jax_ms_per_step": 1e3 * ceiling / bench.CHUNK,
+                       "bptt_ms_per_step": 1e3 * one / bench.CHUNK, "bptt_over_minimal": ratio}
+    print(f"  one seed: minimal JAX {1e3 * ceiling / bench.CHUNK:.3f} ms/step, creditscape "
+          f"{1e3 * one / bench.CHUNK:.3f} ms/step (ratio {ratio:.2f})", flush=True)
+    eager = bench.torch_eager(TRAIN, repeats=5)
+    if eager is not None:
+        out["torch_eager"] = eager
+        out["torch_eager_over_creditscape_bptt"] = eager["step"] / (one / bench.CHUNK)
+        print(f"  PyTorch {eager['version']} eager on {eager['device']}: {1e3 * eager['step']:.3f} ms/step "
+              f"= {out['torch_eager_over_creditscape_bptt']:.2f} x creditscape", flush=True)
+    return out
+
+
+def hvp_over_gradient() -> dict:
+    from creditscape import model as M
+    from creditscape.curvature import block_loss, hvp
+    from creditscape.objective import Batch
+
+    cfg = bench.model_config()
+    params, struct = M.init(cfg, jax.random.PRNGKey(0))
+    f, x0 = block_loss(cfg, params, struct, Batch(*(a[:bench.B] for a in TRAIN)), "all")
+    v = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+    out = {}
+    for precision in ("highest", "tensorfloat32"):
+        with jax.default_matmul_precision(precision):
+            t_grad = bench.timed(jax.jit(jax.grad(f)), x0, repeats=20)
+            t_hvp = bench.timed(jax.jit(lambda x, u: hvp(f, x, u)), x0, v, repeats=20)
+        out[precision] = {"gradient_ms": 1e3 * t_grad, "hvp_ms": 1e3 * t_hvp, "hvp_over_gradient": t_hvp / t_grad}
+        print(f"  {precision:8s}: gradient {1e3 * t_grad:.3f} ms, HVP {1e3 * t_hvp:.3f} ms, "
+              f"ratio {t_hvp / t_grad:.2f} (target <= 2)", flush=True)
+    return out
+
+
+def preset(name: str, mnist_dir: str | None, out_dir: Path, timeout: float) -> dict:
+    run_dir = Path(tempfile.mkdtemp()) / name
+    cmd = [sys.executable, "-m", "creditscape.cli", "run", "--preset", name, "--out", str(run_dir)]
+    if mnist_dir:
+        cmd += ["--mnist-dir", mnist_dir]
+    start = time.perf_counter()
+    with open(out_dir / f"{name}.log", "w") as log:
+        try:
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            returncode = done.returncode
+        except subprocess.TimeoutExpired:
+            returncode = "stopped at the stage's time limit"
+    out = {"seconds": time.perf_counter() - start, "returncode": returncode, "timeout": timeout}
+    for file in ("report.md", "environment.json"):
+        if (run_dir / file).exists():
+            out[file] = (run_dir / file).read_text()
+    print(f"  {name} end to end: {out['seconds']:.0f} s (returncode {returncode})", flush=True)
+    return out
+
+
+def precision_accuracy(timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, str(HERE / "matmul_precision.py"), "--json", f"{tmp}/p.json"],
+                              capture_output=True, text=True, timeout=timeout)
+        print(done.stdout, done.stderr[-2000:] if done.returncode else "", flush=True)
+        return json.loads(Path(f"{tmp}/p.json").read_text())
+
+
+def tests_on_device(out_dir: Path, timeout: float) -> dict:
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # several workers share the card
+    files = [str(ROOT / "tests" / f) for f in ("test_rules.py", "test_curvature.py", "test_spiking.py")]
+    with open(out_dir / "tests.log", "w") as log:
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not heavy",
+                                   "-p", "no:benchmark", "-n", "8", *files], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                  timeout=timeout)
+            returncode = done.returncode
+        except subprocess.TimeoutExpired:
+            returncode = "stopped at the stage's time limit"
+    tail = (out_dir / "tests.log").read_text().strip().splitlines()[-3:]
+    print(f"  tests: {tail}", flush=True)
+    return {"returncode": returncode, "tail": tail}
+
+
+def rule_steps() -> dict:
+    one = bench.timed(bench.creditscape_chunk(get_rule("bptt"), None, TRAIN))
+    out = {}
+    for name, form in [("tbptt", "offline"), ("eprop", "offline"), ("eprop", "online"), ("eprop_random", "online"),
+                       ("mdgl", "offline"), ("mdgl", "online")]:
+        opts = {"tbptt": {"k": 5}, "mdgl": {"allow_single_type": True}}.get(name, {})
+        out[f"{name} ({form})"] = bench.timed(bench.creditscape_chunk(get_rule(name, **opts), form, TRAIN)) / one
+        print(f"  {name:13s} {form:8s} {out[f'{name} ({form})']:.2f} x bptt", flush=True)
+    return out
+
+
+def environment() -> dict:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                          "--format=csv,noheader"], capture_output=True, text=True) if _has("nvidia-smi") else None
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "python": platform.python_version(), "nvidia_smi": smi.stdout.strip() if smi else None}
+
+
+def _has(program: str) -> bool:
+    return any((Path(p) / program).exists() for p in os.environ.get("PATH", "").split(os.pathsep))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist-dir", help="MNIST files for the paper-smnist timing")
-    parser.add_argument("--out", default="gpu-results.json")
-    parser.add_argument("--skip-preset", action="store_true", help="only the benchmark suite")
-    parser.add_argument("--skip-bench", action="store_true", help="only the paper-smnist timing")
-    parser.add_argument("--tests", action="store_true",
-                        help="also run the rule and estimator tests (float64) on this device")
+    parser.add_argument("--out", default="gpu-results", help="folder for gpu.json and the logs")
+    parser.add_argument("--budget", type=float, default=480, help="seconds for all stages together")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 8, 32, 128, 512])
+    parser.add_argument("--preset", default="paper-smnist", help="the preset timed end to end")
     args = parser.parse_args()
-    if not args.skip_preset and not args.mnist_dir:
-        parser.error("--mnist-dir is needed for the paper-smnist timing (or pass --skip-preset)")
+    stages = args.stages.split(",")
+    if unknown := set(stages) - set(STAGES):
+        parser.error(f"unknown stages {sorted(unknown)}; the stages are {', '.join(STAGES)}")
+    if "preset" in stages and args.preset == "paper-smnist" and not args.mnist_dir:
+        parser.error("--mnist-dir is needed for the paper-smnist timing (or leave out the preset stage)")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + args.budget
+    left = lambda reserve=0.0: max(deadline - time.perf_counter() - reserve, 1.0)  # noqa: E731
 
-    with tempfile.TemporaryDirectory() as tmp:
-        results = {}
-        if not args.skip_bench:
-            bench_json = Path(tmp) / "bench.json"
-            subprocess.run([sys.executable, str(HERE / "bench.py"), "--json", str(bench_json)], check=True)
-            results["bench"] = json.loads(bench_json.read_text())
-        if not args.skip_preset:
-            out = Path(tmp) / "paper-smnist"
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "creditscape.cli", "run", "--preset", "paper-smnist", "--mnist-dir",
-                            args.mnist_dir, "--out", str(out), "--quiet"], check=True)
-            results["paper_smnist_seconds"] = time.perf_counter() - start
-            results["paper_smnist_environment"] = json.loads((out / "environment.json").read_text())
-            results["paper_smnist_report"] = (out / "report.md").read_text()
-            print(f"paper-smnist end to end: {results['paper_smnist_seconds']:.0f} s (target < 300 s on one GPU)")
-        if args.tests:  # correctness on this device: every rule's equivalences, every estimator
-            tests = [str(HERE.parent / "tests" / name) for name in ("test_rules.py", "test_curvature.py")]
-            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                                  capture_output=True, text=True)
-            results["tests"] = {"returncode": done.returncode, "summary": done.stdout.strip().splitlines()[-1:]}
-            print(f"tests on this device: {results['tests']['summary']}")
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"Written: {args.out}")
+    global TRAIN
+    TRAIN = bench.data()
+    results = {"environment": environment()}
+    print(json.dumps(results["environment"]), flush=True)
+    work = {"scaling": lambda: scaling(args.seeds), "hvp": hvp_over_gradient,
+            # the stages after the preset keep about a third of what is left
+            "preset": lambda: preset(args.preset, args.mnist_dir, out_dir, left() * 0.65),
+            "precision": lambda: precision_accuracy(min(left(), 150)), "tests": lambda: tests_on_device(out_dir, left(30)),
+            "rules": rule_steps}
+    for stage in stages:
+        if left() <= 1.0:
+            results[stage] = "not run: the budget was spent"
+            continue
+        print(f"[{stage}] ({left():.0f} s left)", flush=True)
+        start = time.perf_counter()
+        try:
+            results[stage] = work[stage]()
+        except Exception:  # record and go on: the other stages' figures still count
+            results[stage] = {"error": traceback.format_exc()}
+            print(results[stage]["error"], flush=True)
+        results.setdefault("stage_seconds", {})[stage] = time.perf_counter() - start
+        (out_dir / "gpu.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"Written: {out_dir / 'gpu.json'}")
     return 0
 
 

@@ -142,12 +142,15 @@ def test_every_estimator_vmapped_over_seeds_equals_per_seed():
 def test_lanczos_stops_at_an_exhausted_krylov_space():
     # Three distinct eigenvalues: the Krylov space of any start vector is 3-dimensional, and
     # asking for 8 steps must not invent Ritz values from rounding noise (float32 here).
+    # Full-precision products: on a GPU, TF32's would move A's eigenvalues apart by 1e-3 and the
+    # space would no longer be exhausted at 3 (seen on an H200).
     vals = jnp.array([5.0, 5.0, 5.0, 2.0, 2.0, -1.0, -1.0, -1.0], jnp.float32)
     q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (8, 8), jnp.float32))
-    A = (q * vals) @ q.T
-    for seed in range(5):
-        eig = lanczos(lambda v: A @ v, jax.random.normal(jax.random.PRNGKey(seed), (8,), jnp.float32), 8, k=3)
-        np.testing.assert_allclose(eig.values, [5.0, 2.0, -1.0], rtol=1e-4)
+    with jax.default_matmul_precision("highest"):
+        A = (q * vals) @ q.T
+        for seed in range(5):
+            eig = lanczos(lambda v: A @ v, jax.random.normal(jax.random.PRNGKey(seed), (8,), jnp.float32), 8, k=3)
+            np.testing.assert_allclose(eig.values, [5.0, 2.0, -1.0], rtol=1e-4)
 
 
 @needs_mnist

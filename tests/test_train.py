@@ -1,6 +1,7 @@
 """Compiled ensemble training: learning, constraints, divergence isolation, no recompilation."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from creditscape import model as M
 from creditscape.rules import EProp, get_rule
 from creditscape.tasks import get_task, make_splits
-from creditscape.train import TrainConfig, init_ensemble, make_chunk, to_device, train_ensemble
+from creditscape.train import TrainConfig, full_precision, init_ensemble, make_chunk, to_device, train_ensemble
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,29 @@ def test_bptt_reliably_learns_the_small_task(cue):
     assert np.all(res.evals["test_accuracy"][:, -1] > 0.9), res.evals["test_accuracy"][:, -1]
     assert np.all(res.evals["train_loss"][:, -1] < 0.3 * res.evals["train_loss"][:, 0])
     np.testing.assert_allclose(res.evals["alignment"], 1.0, rtol=1e-5)
+
+
+def _precisions(jaxpr) -> set[str]:
+    return set(re.findall(r"precision=\(Precision\.(\w+)", str(jaxpr)))
+
+
+@pytest.mark.parametrize("setting, traced", [("highest", "HIGHEST"), ("tensorfloat32", "HIGH")])
+def test_training_products_at_the_configured_precision_measurements_in_full(cue, setting, traced):
+    # On a CPU every setting computes the same numbers, so what is checked is what a GPU would be
+    # asked to do: every matrix product of the training iteration carries the configured
+    # precision, whatever the caller's context (a GPU's default is TF32).
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 8, task.n_out)
+    tcfg = TrainConfig(steps=10, eval_every=10, matmul_precision=setting)
+    chunk = make_chunk(cfg, get_rule("eprop"), tcfg)
+    states, structs = init_ensemble(cfg, get_rule("eprop"), tcfg, [0])
+    with jax.default_matmul_precision("bfloat16"):
+        assert _precisions(jax.make_jaxpr(chunk, static_argnums=(3, 4))(states, structs, to_device(s.train), 0, 10)) \
+            == {traced}
+        measured = full_precision(lambda p: jax.make_jaxpr(jax.hessian(lambda w: jnp.sum(jnp.tanh(w @ w))))(p))
+        assert _precisions(measured(jnp.ones((3, 3)))) == {"HIGHEST"}
+    with pytest.raises(ValueError, match="matmul_precision"):
+        TrainConfig(matmul_precision="bfloat16")
 
 
 @pytest.mark.parametrize("rule,form", [("eprop", "online"), ("mdgl", "offline"), ("tbptt", "online"), ("kf_rtrl", "online")])

@@ -26,6 +26,8 @@ from jax.flatten_util import ravel_pytree
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, exact_loss, l2_penalty
 
+HIGHEST = jax.lax.Precision.HIGHEST  # the basis's own products: full float32 on a GPU too
+
 BLOCKS = ("all", "recurrent", "w_rec")
 
 
@@ -82,7 +84,10 @@ def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int):
     matrix and Q (steps, dim) the orthonormal Krylov basis, so that Q A Qᵀ = T.
 
     Two Gram–Schmidt passes per step keep Q orthogonal to machine precision, so no spurious
-    copies of converged eigenvalues appear. A start vector need not be normalized.
+    copies of converged eigenvalues appear (its products in full precision: with a GPU's default
+    TF32 products Q is orthogonal to 1e-3 only, and copies appear). A start vector need not be
+    normalized. ``matvec``'s own precision is the caller's: the experiment measures in full
+    precision (:func:`creditscape.train.full_precision`).
 
     If the Krylov space is exhausted (an invariant subspace: the new residual is at rounding
     level, ‖w‖ ≤ 100·eps·‖Aq‖), the iteration stops there: later rows of Q and T are zero.
@@ -100,11 +105,11 @@ def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int):
         basis, alphas, betas = carry
         q = basis[i]
         w = matvec(q)
-        a = jnp.vdot(q, w)
+        a = jnp.vdot(q, w, precision=HIGHEST)
         scale = jnp.linalg.norm(w)
         mask = (jnp.arange(steps) <= i).astype(v0.dtype)[:, None]
         for _ in range(2):
-            w = w - (mask * basis).T @ ((mask * basis) @ w)
+            w = w - jnp.matmul((mask * basis).T, jnp.matmul(mask * basis, w, precision=HIGHEST), precision=HIGHEST)
         b = jnp.linalg.norm(w)
         broken = b <= 100 * jnp.finfo(v0.dtype).eps * scale
         b = jnp.where(broken, 0.0, b)
@@ -135,7 +140,8 @@ def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1) -> Eigen:
     ritz = jnp.sum(jnp.where(live[:, None], vecs**2, 0.0), axis=0) > 0.5
     order = jnp.argsort(-jnp.where(ritz, vals, -jnp.inf))[:k]
     # Fewer than k Ritz values (an exhausted space): the missing ones are unknown, not zero.
-    return Eigen(jnp.where(ritz[order], vals[order], jnp.nan), vecs[:, order].T @ basis)
+    return Eigen(jnp.where(ritz[order], vals[order], jnp.nan),
+                 jnp.matmul(vecs[:, order].T, basis, precision=HIGHEST))
 
 
 def top_ritz_value(tri: np.ndarray, krylov_dim: int) -> float:

@@ -50,8 +50,8 @@ from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch
 from creditscape.sharpness import filter_normalized_direction, loss_slice, random_sharpness
 from creditscape.tasks import make_splits
-from creditscape.train import (EVAL_DRAWS, Checkpoint, CurvatureProbe, TrainConfig, initial_network, learning_rate_multiplier,
-                               to_device, train_ensemble)
+from creditscape.train import (EVAL_DRAWS, Checkpoint, CurvatureProbe, TrainConfig, full_precision, initial_network,
+                               learning_rate_multiplier, to_device, train_ensemble)
 
 if TYPE_CHECKING:
     from creditscape.distributed import RayCluster
@@ -200,6 +200,7 @@ def update_map_eigenvalues(exp: Experiment, cell: Cell, spec: RuleSpec, batch: B
             "final/eta_end": eta_end}
 
 
+@full_precision
 def train_unit(exp: Experiment, cell: Cell, spec: RuleSpec, splits, checkpoint: Checkpoint | None, *,
                progress: bool = False, devices: int | None = None, final_measurements=None) -> dict:
     """Train and measure one unit of an experiment, the members of one rule in one grid cell, and
@@ -539,6 +540,7 @@ def _sequence_chunks(exp: Experiment, splits, sequences: int | None) -> Batch:
     return to_device(Batch(*(a[:n].reshape(n // chunk, chunk, *a.shape[1:]) for a in splits.train)))
 
 
+@full_precision
 def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30, top: int = 3,
                   trace_probes: int = 30, along_training: bool = False, sequences: int | None = None,
                   mnist_dir: str | None = None) -> pd.DataFrame:
