@@ -8,7 +8,8 @@ import pytest
 from cases import draw
 from conftest import needs_mnist
 from creditscape import model as M
-from creditscape.curvature import block_loss, dense_hessian, hvp, lanczos, top_eigenvalues
+from creditscape.curvature import (block_loss, dense_hessian, hvp, lanczos, lanczos_tridiagonal,
+                                   top_eigenvalues, top_tridiagonal_eigenvalues)
 
 
 @pytest.mark.parametrize("form", ["voltage", "rate"])
@@ -154,6 +155,54 @@ def test_lanczos_stops_at_an_exhausted_krylov_space():
 
 
 @needs_mnist
+@pytest.mark.parametrize("case", ["random", "repeated", "decoupled"])
+def test_sturm_bisection_gives_the_top_eigenvalues_of_every_leading_block(case):
+    rng = np.random.default_rng(["random", "repeated", "decoupled"].index(case))
+    n = 12
+    a, b = rng.normal(size=n) * 5, rng.normal(size=n)
+    if case == "repeated":  # equal diagonals, zero couplings in between: eigenvalues of multiplicity 3
+        a, b = np.repeat([4.0, -1.0, 2.0, 4.0], 3), np.where(np.arange(n) % 3 == 2, 0.0, 1e-300)
+    if case == "decoupled":
+        b[[3, 7]] = 0.0
+    for size in (1, 2, 5, n):
+        T = np.diag(a[:size]) + np.diag(b[:size - 1], 1) + np.diag(b[:size - 1], -1)
+        dense = np.sort(np.linalg.eigvalsh(T))[::-1][:3]
+        got = np.asarray(top_tridiagonal_eigenvalues(jnp.asarray(a), jnp.asarray(b), size, 3))
+        np.testing.assert_allclose(got[:size], dense, rtol=1e-12, atol=1e-12 * np.abs(a).max())
+        assert np.all(np.isneginf(got[size:]))
+
+
+def test_lanczos_with_a_tolerance_stops_once_the_top_values_settle_and_stays_a_lanczos_decomposition():
+    rng = np.random.default_rng(3)
+    dim = 300
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    lam = np.concatenate([[50.0, 40.0], rng.uniform(-10, 10, dim - 2)])
+    A = jnp.asarray((q * lam) @ q.T)
+    matvec = lambda v: A @ v  # noqa: E731
+    near_top = jnp.asarray(q[:, 0] + 0.1 * rng.normal(size=dim) / np.sqrt(dim))  # a warm start
+    random_start = jnp.asarray(rng.normal(size=dim))
+    for v0, most in ((near_top, 12), (random_start, 40)):
+        full = lanczos(matvec, v0, 60, 2)
+        early = lanczos(matvec, v0, 60, 2, tol=1e-10)
+        assert int(full.steps) == 60 and 2 <= int(early.steps) <= most, int(early.steps)
+        np.testing.assert_allclose(early.values, [50.0, 40.0], rtol=1e-8)
+        np.testing.assert_allclose(early.values, full.values, rtol=1e-8)
+        # Stopped like an exhausted space: Q A Qᵀ = T on the live block, zeros after it.
+        tri, basis = lanczos_tridiagonal(matvec, v0, 60, tol=1e-10, k=2)
+        m = int(early.steps)
+        Q = np.asarray(basis)
+        np.testing.assert_allclose(Q[:m] @ np.asarray(A) @ Q[:m].T, np.asarray(tri)[:m, :m], atol=1e-10)
+        assert not np.any(Q[m:]) and not np.any(np.asarray(tri)[m:])
+    # vmapped over starts that stop at different steps: each as if alone.
+    stacked = jax.vmap(lambda v: lanczos(matvec, v, 60, 2, tol=1e-10))(jnp.stack([near_top, random_start]))
+    for i, v0 in enumerate((near_top, random_start)):
+        alone = lanczos(matvec, v0, 60, 2, tol=1e-10)
+        assert int(stacked.steps[i]) == int(alone.steps)
+        np.testing.assert_allclose(stacked.values[i], alone.values, rtol=1e-12)
+    with pytest.raises(ValueError, match="tol"):
+        lanczos(matvec, v0, 60, 2, tol=1.5)
+
+
 def test_twenty_lanczos_steps_find_the_top_eigenvalue_of_a_trained_smnist_network():
     """What runs measure (20 steps on the 16,384-dimensional W_rec block of the paper's network,
     from a random start, float32) against a converged top eigenvalue, on a network trained on real

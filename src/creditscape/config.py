@@ -72,6 +72,8 @@ class MeasureConfig:
     weight perturbations (expected loss increase, antithetic pairs); ``save_trajectory``: keep the parameters at every
     evaluation so that ``creditscape curvature`` can measure them later; ``arnoldi_steps``: Arnoldi
     iterations for the leading eigenvalues μ of ηĴ of the final networks (the rule's update map);
+    ``lanczos_tol``: stop each evaluation's Lanczos before ``lanczos_steps`` once λ₁ and λ₂ move by at
+    most lanczos_tol·|λ₁| in one step (warm starts converge in a few; 0: always ``lanczos_steps``);
     ``history_sequences``: when > 0, losses and accuracies along training are measured on the
     first that many sequences of each set (the final ones always on the whole sets);
     ``generalization_measures``: also measure the final networks by PAC-Bayes flatness (loss
@@ -82,6 +84,7 @@ class MeasureConfig:
     curvature_block: str = "w_rec"
     curvature_batch: int = 256
     lanczos_steps: int = 30
+    lanczos_tol: float = 1e-5
     l2_in_curvature: bool = True
     trace_probes: int = 30
     slice_points: int = 21
@@ -101,6 +104,8 @@ class MeasureConfig:
                      "arnoldi_steps", "pac_bayes_bound", "pac_bayes_draws"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"measure.{name}: must be > 0, got {getattr(self, name)!r}.")
+        if not 0 <= self.lanczos_tol < 1:
+            raise ValueError(f"measure.lanczos_tol: must be in [0, 1) (0: always lanczos_steps), got {self.lanczos_tol!r}.")
         if self.history_sequences < 0:
             raise ValueError(f"measure.history_sequences: must be >= 0 (0: the whole sets), got {self.history_sequences!r}.")
 

@@ -77,9 +77,10 @@ def hvp(f: Callable[[jax.Array], jax.Array], x: jax.Array, v: jax.Array) -> jax.
 class Eigen(NamedTuple):
     values: jax.Array  # (k,) signed, descending
     vectors: jax.Array  # (k, dim)
+    steps: jax.Array | None = None  # mat-vecs the Lanczos iteration took (its Krylov dimension)
 
 
-def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int):
+def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int, *, tol: float | None = None, k: int = 1):
     """Lanczos with full re-orthogonalization: (T, Q) with T the (steps × steps) tridiagonal
     matrix and Q (steps, dim) the orthonormal Krylov basis, so that Q A Qᵀ = T.
 
@@ -92,17 +93,21 @@ def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int):
     If the Krylov space is exhausted (an invariant subspace: the new residual is at rounding
     level, ‖w‖ ≤ 100·eps·‖Aq‖), the iteration stops there: later rows of Q and T are zero.
     Continuing from a rounding-noise direction would break Q A Qᵀ = T and produce Ritz values
-    outside the spectrum.
+    outside the spectrum. With ``tol``, it also stops (the same way) after the first step m ≥ k
+    at which none of the k largest Ritz values moved by more than tol·|θ₁| from step m − 1: a warm
+    start near the top eigenvector then costs a few mat-vecs instead of ``steps``.
     """
     dim = v0.shape[0]
     if not 1 <= steps <= dim:
         raise ValueError(f"lanczos: need 1 <= steps ({steps}) <= dim ({dim}).")
+    if tol is not None and not 0 < tol < 1:
+        raise ValueError(f"lanczos: tol must be in (0, 1) (or None for all {steps} steps), got {tol!r}.")
     basis = jnp.zeros((steps, dim), v0.dtype).at[0].set(v0 / jnp.linalg.norm(v0))
     alphas = jnp.zeros((steps,), v0.dtype)
     betas = jnp.zeros((steps,), v0.dtype)
 
-    def body(i, carry):
-        basis, alphas, betas = carry
+    def body(carry):
+        basis, alphas, betas, i, top, _ = carry
         q = basis[i]
         w = matvec(q)
         a = jnp.vdot(q, w, precision=HIGHEST)
@@ -111,25 +116,73 @@ def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int):
         for _ in range(2):
             w = w - jnp.matmul((mask * basis).T, jnp.matmul(mask * basis, w, precision=HIGHEST), precision=HIGHEST)
         b = jnp.linalg.norm(w)
-        broken = b <= 100 * jnp.finfo(v0.dtype).eps * scale
-        b = jnp.where(broken, 0.0, b)
-        nxt = jnp.where(broken, 0.0, w / jnp.where(broken, 1.0, b))
+        alphas = alphas.at[i].set(a)
+        # (a non-finite operator stops too: under vmap one diverged member would otherwise keep
+        # every member's loop running to ``steps``)
+        stop = (b <= 100 * jnp.finfo(v0.dtype).eps * scale) | ~jnp.isfinite(a + b)
+        if tol is not None:  # the Ritz values of T's leading (i+1) × (i+1) block, which β_i does not enter
+            new_top = top_tridiagonal_eigenvalues(alphas, betas, i + 1, k)
+            stop = stop | ((i + 1 >= k) & jnp.all(jnp.abs(new_top - top) <= tol * jnp.abs(new_top[0])))
+            top = new_top
+        b = jnp.where(stop, 0.0, b)
+        nxt = jnp.where(stop, 0.0, w / jnp.where(stop, 1.0, b))
         basis = jnp.where(i + 1 < steps, basis.at[jnp.minimum(i + 1, steps - 1)].set(nxt), basis)
-        return basis, alphas.at[i].set(a), betas.at[i].set(b)
+        return basis, alphas, betas.at[i].set(b), i + 1, top, stop
 
-    basis, alphas, betas = jax.lax.fori_loop(0, steps, body, (basis, alphas, betas))
+    top = jnp.full((k,), jnp.inf, v0.dtype)
+    carry = (basis, alphas, betas, jnp.zeros((), jnp.int32), top, jnp.zeros((), bool))
+    if tol is None:
+        carry = jax.lax.fori_loop(0, steps, lambda i, c: body(c), carry)
+    else:
+        carry = jax.lax.while_loop(lambda c: (c[3] < steps) & ~c[5], body, carry)
+    basis, alphas, betas = carry[:3]
     tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     return tri, basis
 
 
-def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1) -> Eigen:
+def top_tridiagonal_eigenvalues(alphas: jax.Array, betas: jax.Array, size, k: int, iterations: int = 60) -> jax.Array:
+    """The k largest eigenvalues (descending; −inf beyond ``size``) of the leading ``size`` × ``size``
+    block of the symmetric tridiagonal matrix with diagonal ``alphas`` and off-diagonal ``betas``
+    (β_j couples j and j + 1), by bisection on Sturm counts: the number of eigenvalues below x is
+    the number of negative pivots d_j = α_j − x − β_{j−1}²/d_{j−1}. Arithmetic only, no
+    eigensolver call (two eigensolvers in one compiled program deadlocked XLA's CPU runtime,
+    docs/measurements.md); each value to 2^−iterations of the Gershgorin interval."""
+    n = alphas.shape[0]
+    live = jnp.arange(n) < size
+    a = jnp.where(live, alphas, 0.0)
+    b = jnp.where(jnp.arange(n) < size - 1, betas, 0.0)
+    radius = jnp.abs(b) + jnp.abs(jnp.concatenate([jnp.zeros((1,), b.dtype), b[:-1]]))
+    lo = jnp.full((k,), jnp.min(a - radius)) - 1
+    hi = jnp.full((k,), jnp.max(a + radius)) + 1
+    pivot_floor = jnp.finfo(a.dtype).tiny * jnp.maximum(1.0, jnp.max(b * b))
+
+    def below(x):  # eigenvalues of the block below each x
+        def pivot(d, j):
+            d = a[j] - x - jnp.where(j > 0, b[j - 1] ** 2, 0.0) / d
+            d = jnp.where(jnp.abs(d) < pivot_floor, -pivot_floor, d)
+            return d, (d < 0) & live[j]
+        return jnp.sum(jax.lax.scan(pivot, jnp.ones_like(x), jnp.arange(n))[1], axis=0)
+
+    rank = jnp.arange(1, k + 1)  # the m-th largest: the largest x with at least m eigenvalues ≥ x
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        above = size - below(mid) >= rank
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+    return jnp.where(rank <= size, (lo + hi) / 2, -jnp.inf)
+
+
+def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1, *, tol: float | None = None) -> Eigen:
     """Top-k (largest algebraic, signed) eigenpairs of a symmetric operator from ``steps``
-    Lanczos iterations (``steps`` mat-vecs). A warm start ``v0`` (e.g. the previous top
-    eigenvector) converges faster. Values beyond the dimension of an exhausted Krylov space are
-    NaN."""
+    Lanczos iterations (``steps`` mat-vecs; with ``tol``, fewer once the top k Ritz values stop
+    moving, :func:`lanczos_tridiagonal`). A warm start ``v0`` (e.g. the previous top eigenvector)
+    converges faster. Values beyond the dimension of an exhausted Krylov space are NaN."""
     if not 1 <= k <= steps:
         raise ValueError(f"lanczos: need 1 <= k ({k}) <= steps ({steps}).")
-    tri, basis = lanczos_tridiagonal(matvec, v0, steps)
+    tri, basis = lanczos_tridiagonal(matvec, v0, steps, tol=tol, k=k)
     # LAPACK's eigensolver can loop forever on NaN input: a non-finite operator gives NaN instead.
     finite = jnp.all(jnp.isfinite(tri))
     vals, vecs = jnp.linalg.eigh(jnp.where(finite, tri, 0.0))
@@ -141,7 +194,7 @@ def lanczos(matvec: Callable, v0: jax.Array, steps: int, k: int = 1) -> Eigen:
     order = jnp.argsort(-jnp.where(ritz, vals, -jnp.inf))[:k]
     # Fewer than k Ritz values (an exhausted space): the missing ones are unknown, not zero.
     return Eigen(jnp.where(ritz[order], vals[order], jnp.nan),
-                 jnp.matmul(vecs[:, order].T, basis, precision=HIGHEST))
+                 jnp.matmul(vecs[:, order].T, basis, precision=HIGHEST), jnp.sum(live))
 
 
 def top_ritz_value(tri: np.ndarray, krylov_dim: int) -> float:

@@ -214,7 +214,7 @@ def train_unit(exp: Experiment, cell: Cell, spec: RuleSpec, splits, checkpoint: 
     tcfg = spec.train_config(cell.train)
     m = exp.measure
     probe = CurvatureProbe(batch=batch, block=m.curvature_block, l2=cell.train.l2 if m.l2_in_curvature else 0.0,
-                           steps=m.lanczos_steps)
+                           steps=m.lanczos_steps, tol=m.lanczos_tol or None)
     seeds, lrs = zip(*exp.members(cell, spec))
     eval_sets = {"train": splits.train, "test": splits.test,
                  **{f"perturbed[{k}]": v for k, v in splits.perturbed.items()}}

@@ -344,13 +344,16 @@ class CurvatureProbe(NamedTuple):
 
     batch: fixed evaluation batch (the exact loss, no noise); block: ``"all"``, ``"recurrent"``
     or ``"w_rec"``; l2: L2 coefficient included in the Hessian; steps: Lanczos iterations, warm
-    started from the previous evaluation's top eigenvector.
+    started from the previous evaluation's top eigenvector; tol: stop before ``steps`` once λ₁
+    and λ₂ move by at most tol·|λ₁| in one step (:func:`creditscape.curvature.lanczos_tridiagonal`;
+    None: always ``steps``).
     """
 
     batch: Batch
     block: str = "w_rec"
     l2: float = 0.0
     steps: int = 30
+    tol: float | None = None
 
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults, which make_optimizer uses
@@ -413,7 +416,7 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
         if probe is not None:
             f, x0 = block_loss(cfg, params, struct, probe.batch, probe.block, probe.l2)
             steps = min(probe.steps, x0.shape[0])
-            eig = lanczos(lambda v: hvp(f, x0, v), v0, steps, min(2, steps))
+            eig = lanczos(lambda v: hvp(f, x0, v), v0, steps, min(2, steps), tol=probe.tol)
             g, _ = estimate_on_block(rule, cfg, params, struct, rule_state, probe.batch, probe.block, probe.l2,
                                      form=form, **draws)
             v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
@@ -422,6 +425,7 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
             out["lambda_residual"] = jnp.linalg.norm(hvp(f, x0, v1) - eig.values[0] * v1)
             out["lambda_gap"] = eig.values[0] - eig.values[-1] if steps > 1 else jnp.full((), jnp.nan, x0.dtype)
             out["rho"] = jnp.vdot(v1, jacobian_vector_product(g, x0, v1)) / eig.values[0]
+            out["lanczos_steps"] = eig.steps
             out["v1"] = v1
             if tcfg.optimizer == "adam":
                 p, updates = adam_preconditioner(opt_state)
