@@ -48,27 +48,27 @@ STAGES = ("scaling", "hvp", "preset", "precision", "tests", "rules")
 FLOP_PER_SEED_STEP = 3 * 2 * (bench.N ** 2 + bench.N * bench.N_IN) * bench.T * bench.B
 
 
-def seed_steps_per_second(seeds: int, precision: str) -> float:
-    chunk = bench.creditscape_chunk(get_rule("bptt"), None, TRAIN, seeds=seeds, matmul_precision=precision)
+def seed_steps_per_second(train, seeds: int, precision: str) -> float:
+    chunk = bench.creditscape_chunk(get_rule("bptt"), None, train, seeds=seeds, matmul_precision=precision)
     return seeds * bench.CHUNK / bench.timed(chunk, repeats=5)
 
 
-def scaling(seeds: list[int]) -> dict:
+def scaling(train, seeds: list[int]) -> dict:
     out = {"flop_per_seed_step": FLOP_PER_SEED_STEP, "seed_steps_per_second": {}}
     for precision, counts in (("highest", seeds), ("tensorfloat32", seeds[-2:])):
         row = out["seed_steps_per_second"][precision] = {}
         for n in counts:
-            row[n] = seed_steps_per_second(n, precision)
+            row[n] = seed_steps_per_second(train, n, precision)
             print(f"  bptt, {precision:13s} {n:4d} seeds: {row[n]:9.0f} seed-steps/s "
                   f"({row[n] * FLOP_PER_SEED_STEP / 1e12:.1f} TFLOP/s)", flush=True)
     with jax.default_matmul_precision("highest"):
-        ceiling, one, ratio = bench.paired(bench.minimal_jax_chunk(TRAIN),
-                                           bench.creditscape_chunk(get_rule("bptt"), None, TRAIN), rounds=3)
+        ceiling, one, ratio = bench.paired(bench.minimal_jax_chunk(train),
+                                           bench.creditscape_chunk(get_rule("bptt"), None, train), rounds=3)
     out["one_seed"] = {"minimal_jax_ms_per_step": 1e3 * ceiling / bench.CHUNK,
                        "bptt_ms_per_step": 1e3 * one / bench.CHUNK, "bptt_over_minimal": ratio}
     print(f"  one seed: minimal JAX {1e3 * ceiling / bench.CHUNK:.3f} ms/step, creditscape "
           f"{1e3 * one / bench.CHUNK:.3f} ms/step (ratio {ratio:.2f})", flush=True)
-    eager = bench.torch_eager(TRAIN, repeats=5)
+    eager = bench.torch_eager(train, repeats=5)
     if eager is not None:
         out["torch_eager"] = eager
         out["torch_eager_over_creditscape_bptt"] = eager["step"] / (one / bench.CHUNK)
@@ -77,14 +77,14 @@ def scaling(seeds: list[int]) -> dict:
     return out
 
 
-def hvp_over_gradient() -> dict:
+def hvp_over_gradient(train) -> dict:
     from creditscape import model as M
     from creditscape.curvature import block_loss, hvp
     from creditscape.objective import Batch
 
     cfg = bench.model_config()
     params, struct = M.init(cfg, jax.random.PRNGKey(0))
-    f, x0 = block_loss(cfg, params, struct, Batch(*(a[:bench.B] for a in TRAIN)), "all")
+    f, x0 = block_loss(cfg, params, struct, Batch(*(a[:bench.B] for a in train)), "all")
     v = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
     out = {}
     for precision in ("highest", "tensorfloat32"):
@@ -141,13 +141,13 @@ def tests_on_device(out_dir: Path, timeout: float) -> dict:
     return {"returncode": returncode, "tail": tail}
 
 
-def rule_steps() -> dict:
-    one = bench.timed(bench.creditscape_chunk(get_rule("bptt"), None, TRAIN))
+def rule_steps(train) -> dict:
+    one = bench.timed(bench.creditscape_chunk(get_rule("bptt"), None, train))
     out = {}
     for name, form in [("tbptt", "offline"), ("eprop", "offline"), ("eprop", "online"), ("eprop_random", "online"),
                        ("mdgl", "offline"), ("mdgl", "online")]:
         opts = {"tbptt": {"k": 5}, "mdgl": {"allow_single_type": True}}.get(name, {})
-        out[f"{name} ({form})"] = bench.timed(bench.creditscape_chunk(get_rule(name, **opts), form, TRAIN)) / one
+        out[f"{name} ({form})"] = bench.timed(bench.creditscape_chunk(get_rule(name, **opts), form, train)) / one
         print(f"  {name:13s} {form:8s} {out[f'{name} ({form})']:.2f} x bptt", flush=True)
     return out
 
@@ -182,15 +182,14 @@ def main() -> int:
     deadline = time.perf_counter() + args.budget
     left = lambda reserve=0.0: max(deadline - time.perf_counter() - reserve, 1.0)  # noqa: E731
 
-    global TRAIN
-    TRAIN = bench.data()
+    train = bench.data()
     results = {"environment": environment()}
     print(json.dumps(results["environment"]), flush=True)
-    work = {"scaling": lambda: scaling(args.seeds), "hvp": hvp_over_gradient,
+    work = {"scaling": lambda: scaling(train, args.seeds), "hvp": lambda: hvp_over_gradient(train),
             # the stages after the preset keep about a third of what is left
             "preset": lambda: preset(args.preset, args.mnist_dir, out_dir, left() * 0.65),
             "precision": lambda: precision_accuracy(min(left(), 150)), "tests": lambda: tests_on_device(out_dir, left(30)),
-            "rules": rule_steps}
+            "rules": lambda: rule_steps(train)}
     for stage in stages:
         if left() <= 1.0:
             results[stage] = "not run: the budget was spent"

@@ -129,13 +129,9 @@ def lanczos_tridiagonal(matvec: Callable, v0: jax.Array, steps: int, *, tol: flo
         basis = jnp.where(i + 1 < steps, basis.at[jnp.minimum(i + 1, steps - 1)].set(nxt), basis)
         return basis, alphas, betas.at[i].set(b), i + 1, top, stop
 
-    top = jnp.full((k,), jnp.inf, v0.dtype)
-    carry = (basis, alphas, betas, jnp.zeros((), jnp.int32), top, jnp.zeros((), bool))
-    if tol is None:
-        carry = jax.lax.fori_loop(0, steps, lambda i, c: body(c), carry)
-    else:
-        carry = jax.lax.while_loop(lambda c: (c[3] < steps) & ~c[5], body, carry)
-    basis, alphas, betas = carry[:3]
+    # Stopped (exhausted, non-finite or converged), the loop ends: no mat-vecs of zero vectors.
+    carry = (basis, alphas, betas, jnp.zeros((), jnp.int32), jnp.full((k,), jnp.inf, v0.dtype), jnp.zeros((), bool))
+    basis, alphas, betas, *_ = jax.lax.while_loop(lambda c: (c[3] < steps) & ~c[5], body, carry)
     tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     return tri, basis
 
