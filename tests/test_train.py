@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from creditscape import model as M
+from creditscape.objective import Batch, exact_loss
 from creditscape.rules import EProp, get_rule
 from creditscape.tasks import get_task, make_splits
 from creditscape.train import TrainConfig, full_precision, init_ensemble, make_chunk, to_device, train_ensemble
@@ -52,6 +53,31 @@ def test_training_products_at_the_configured_precision_measurements_in_full(cue,
         assert _precisions(measured(jnp.ones((3, 3)))) == {"HIGHEST"}
     with pytest.raises(ValueError, match="matmul_precision"):
         TrainConfig(matmul_precision="bfloat16")
+
+
+def _unrolls(jaxpr) -> set[int]:
+    return {int(u) for u in re.findall(r"unroll=(\d+)", str(jaxpr))}
+
+
+@pytest.mark.parametrize("n_steps, unroll", [(7, 7), (40, M.GPU_PARTIAL_UNROLL)])
+def test_time_loops_unrolled_on_a_gpu_while_training_only(cue, monkeypatch, n_steps, unroll):
+    # What a GPU would be asked to do (the backend is faked; nothing is compiled): the training
+    # iteration's time loops unrolled, a measurement's not; on a CPU never.
+    task, _ = cue
+    cfg = M.ModelConfig(task.n_in, 8, task.n_out, alpha=0.5, dale_exc_fraction=0.75)
+    tcfg = TrainConfig(steps=4, eval_every=4, batch_size=4)
+    x = jnp.zeros((4, n_steps, task.n_in), jnp.float32)
+    train = Batch(x, jnp.zeros((4, n_steps), jnp.int32), jnp.ones((4, n_steps), jnp.float32))
+    for rule, form in (("bptt", "offline"), ("eprop", "online"), ("mdgl", "offline")):
+        states, structs = init_ensemble(cfg, get_rule(rule), tcfg, [0])
+        chunk = lambda: make_chunk(cfg, get_rule(rule), dataclasses.replace(tcfg, form=form))  # traced afresh
+        trace = lambda: jax.make_jaxpr(chunk(), static_argnums=(3, 4))(states, structs, train, 0, 4)
+        assert _unrolls(trace()) == {1}
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        assert _unrolls(trace()) == {unroll}, rule
+        params, struct = M.init(cfg, jax.random.PRNGKey(0))
+        assert _unrolls(jax.make_jaxpr(lambda p: exact_loss(cfg, p, struct, train))(params)) == {1}
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("rule,form", [("eprop", "online"), ("mdgl", "offline"), ("tbptt", "online"), ("kf_rtrl", "online")])

@@ -40,7 +40,8 @@ constants are log-normal around τ: τ_i = τ·exp(σ z_i), z_i ~ N(0, 1), so α
 (the median unit keeps α).
 
 **Axis order.** Every public array is batch-major: inputs ``(B, T, n_in)``, activities
-``(B, T, N)``, outputs ``(B, T, n_out)``. The time loop is a ``lax.scan`` over a time-major view.
+``(B, T, N)``, outputs ``(B, T, n_out)``. The time loop is a ``lax.scan`` over a time-major view
+(:func:`time_scan`: unrolled on a GPU while training).
 
 **Structure.** Non-trainable arrays drawn from the seed live in :class:`Structure`: the
 connectivity mask of W_rec (no self-connections, sparsity), the presynaptic sign of every unit
@@ -55,6 +56,8 @@ computes the same quantity with or without Dale's law; only the update is projec
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Callable, NamedTuple
@@ -532,6 +535,46 @@ def steps_without_readout(cfg: ModelConfig, n_steps: int) -> int:
     return 0 if cfg.readout_steps is None else max(n_steps - cfg.readout_steps, 0)
 
 
+# On a GPU every iteration of a compiled loop costs a round of kernel launches and a check of its
+# condition, and one step of these networks is too small to hide them. Unrolled, the BPTT training
+# step at T = 28 was 1.58x faster at one seed and 1.14x at 128 seeds on an H200; at T = 224, 8 steps
+# per iteration beat 4 and 16. Only the training iteration is unrolled: it runs thousands of times,
+# while the measurement programs (Hessian-vector products through the loop, Lanczos, sharpness),
+# run a few times, took more than twice as long to compile unrolled. On a CPU unrolling measured
+# slower (docs/performance.md). The numbers computed are the same either way.
+GPU_FULL_UNROLL = 32  # sequences up to this long are unrolled completely
+GPU_PARTIAL_UNROLL = 8  # longer ones this many steps per iteration
+_UNROLLING = contextvars.ContextVar("creditscape_unrolling", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_time_loops():
+    """Within this context, time loops traced on a GPU are unrolled (:func:`time_unroll`);
+    :func:`creditscape.train.make_chunk` traces the training iteration so."""
+    token = _UNROLLING.set(True)
+    try:
+        yield
+    finally:
+        _UNROLLING.reset(token)
+
+
+def time_unroll(n_steps: int) -> int:
+    """Steps per iteration of a compiled time loop of ``n_steps`` steps: 1, except inside
+    :func:`unrolled_time_loops` on a GPU (all of them up to ``GPU_FULL_UNROLL`` steps, else
+    ``GPU_PARTIAL_UNROLL``)."""
+    if not _UNROLLING.get() or jax.default_backend() != "gpu":
+        return 1
+    return max(n_steps, 1) if n_steps <= GPU_FULL_UNROLL else GPU_PARTIAL_UNROLL
+
+
+def time_scan(f: Callable, init, xs, reverse: bool = False):
+    """``jax.lax.scan(f, init, xs, reverse=reverse)`` over time-major ``xs`` (time the leading axis
+    of every leaf), unrolled as :func:`time_unroll` says: every time loop of the models and the
+    rules goes through here."""
+    n_steps = jax.tree.leaves(xs)[0].shape[0]
+    return jax.lax.scan(f, init, xs, reverse=reverse, unroll=time_unroll(n_steps))
+
+
 def _scan(cfg, params, struct, x, xi, recurrent_input, emit, silent=0):
     """The time loop; ``emit(s_t, r_t, u_t)`` of every step after the first ``silent`` ones,
     stacked batch-major."""
@@ -551,9 +594,9 @@ def _scan(cfg, params, struct, x, xi, recurrent_input, emit, silent=0):
 
     carry = (s_init, activity(cfg, s_init))
     if silent:  # the steps before the emitted ones, in a loop that stores nothing
-        carry, _ = jax.lax.scan(lambda c, inp: (body(c, inp)[0], None), carry,
-                                jax.tree.map(lambda a: a[:silent], (xs, xis)))
-    _, out = jax.lax.scan(body, carry, jax.tree.map(lambda a: a[silent:], (xs, xis)))
+        carry, _ = time_scan(lambda c, inp: (body(c, inp)[0], None), carry,
+                             jax.tree.map(lambda a: a[:silent], (xs, xis)))
+    _, out = time_scan(body, carry, jax.tree.map(lambda a: a[silent:], (xs, xis)))
     return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), out)
 
 

@@ -311,7 +311,8 @@ def make_chunk(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
             return state, losses.at[t].set(loss)
 
         losses = jnp.full(tcfg.eval_every, jnp.nan, jnp.result_type(train_set.x, *jax.tree.leaves(state.params)))
-        with jax.default_matmul_precision(tcfg.matmul_precision):  # read as the iteration is traced
+        # Both read as the iteration is traced.
+        with jax.default_matmul_precision(tcfg.matmul_precision), _model.unrolled_time_loops():
             return jax.lax.fori_loop(start, stop, body, (state, losses))
 
     return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None, None)), donate_argnums=0)

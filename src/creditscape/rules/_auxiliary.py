@@ -112,7 +112,7 @@ class KeRNL(Rule):
         s0 = _model.initial_state(cfg, params, bsz)
         zeros = jnp.zeros_like(s0)
         carry0 = (s0, s0, zeros, zeros, jnp.zeros_like(state.sensitivity), jnp.zeros_like(kappa))
-        (*_, grad_a, grad_kappa), _ = jax.lax.scan(body, carry0, (time_major(cfg, batch, noise), xi))
+        (*_, grad_a, grad_kappa), _ = _model.time_scan(body, carry0, (time_major(cfg, batch, noise), xi))
         scale = self.aux_learning_rate / (bsz * n_steps)
         return KeRNLState(state.sensitivity - scale * grad_a, jnp.clip(kappa - scale * grad_kappa, 0.0, 1.0))
 
@@ -184,7 +184,7 @@ class DNI(Rule):
 
         g0 = jnp.zeros((cfg.n_rec, cfg.n_rec + cfg.n_in + 1), params.w_rec.dtype)
         carry0 = (_model.initial_state(cfg, params, bsz), jnp.zeros((), g0.dtype), g0)
-        (_, loss, g), _ = jax.lax.scan(body, carry0, time_major(cfg, batch, noise))
+        (_, loss, g), _ = _model.time_scan(body, carry0, time_major(cfg, batch, noise))
         return loss, with_readout(cfg, params, struct, noise, batch, presynaptic_gradient(cfg, params, struct, g / bsz))
 
     def learn(self, cfg, params, struct, state, batch, noise, *, key):

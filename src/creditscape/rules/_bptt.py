@@ -94,7 +94,7 @@ def _tbptt_offline(cfg, params, struct, batch, noise, k):
             s_new = _model.step(cfg, p, struct, s_prev, noise.x[:, i], xi_t)[0]
             return jnp.where(tau >= 1, s_new, s_prev), None
 
-        s_end, _ = jax.lax.scan(body, s_start, jnp.arange(k))
+        s_end, _ = _model.time_scan(body, s_start, jnp.arange(k))
         z_end = _model.activity(cfg, s_end)
         read = _model.readout_input(cfg, s_end, z_end)
         return (read, z_end) if cfg.rate_regularization else read  # the spikes only where R needs them

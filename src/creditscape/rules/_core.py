@@ -60,7 +60,7 @@ def activity_signal(cfg: ModelConfig, signal: jax.Array) -> jax.Array:
         total = signal_t + kappa * later
         return total, (1 - kappa) * total
 
-    _, out = jax.lax.scan(back, jnp.zeros_like(signal[:, 0]), jnp.swapaxes(signal, 0, 1), reverse=True)
+    _, out = _model.time_scan(back, jnp.zeros_like(signal[:, 0]), jnp.swapaxes(signal, 0, 1), reverse=True)
     return jnp.swapaxes(out, 0, 1)
 
 
@@ -99,7 +99,7 @@ def modulated_signal(alpha, signal: jax.Array, slope: jax.Array, w_bar: jax.Arra
             return (out, slope_t), out
 
         zero = jnp.zeros_like(signal[:, 0])
-        _, out = jax.lax.scan(back, (zero, zero), (jnp.swapaxes(signal, 0, 1), jnp.swapaxes(slope, 0, 1)), reverse=True)
+        _, out = _model.time_scan(back, (zero, zero), (jnp.swapaxes(signal, 0, 1), jnp.swapaxes(slope, 0, 1)), reverse=True)
         return jnp.swapaxes(out, 0, 1)
     out = signal
     for _ in range(hops):  # Λ^(k)_t = L_t + R̄_{t+1}ᵀ Λ^(k-1)_{t+1}
@@ -141,7 +141,7 @@ def trace_rule_offline(
             s_t, r_t, _ = _model.step(cfg, p, struct, s_prev, x_t, xi_t, recurrent_input=lambda _: c_t)
             return s_t, r_t
 
-        _, r_trunc = jax.lax.scan(body, _model.initial_state(cfg, p, batch.x.shape[0]), inputs)
+        _, r_trunc = _model.time_scan(body, _model.initial_state(cfg, p, batch.x.shape[0]), inputs)
         return jnp.swapaxes(r_trunc, 0, 1)
 
     loss, e, g_w_out, g_b_out = output_error(cfg, params, _model.readout_input(cfg, s, r), batch)
@@ -229,7 +229,7 @@ def trace_rule_online(
         jnp.zeros((cfg.n_out,), dtype),
     )
     carry0 = (s_init, trace0, jnp.ones(jnp.shape(a), dtype), prev0, acc0)
-    (_, _, _, prev, acc), _ = jax.lax.scan(body, carry0, time_major(cfg, batch, noise))
+    (_, _, _, prev, acc), _ = _model.time_scan(body, carry0, time_major(cfg, batch, noise))
     # Flush the last step (no step after it: L̃_T = L_T).
     prev_trace, prev_decay, prev_signal, prev_slope = prev
     prev_delta = prev_signal * (prev_slope if cfg.form == "voltage" else 1.0)
@@ -362,7 +362,7 @@ def forward_sensitivity(
         sens0 = jnp.zeros((window, bsz, _model.state_size(cfg), n_par), dtype)
     spikes0 = (jnp.zeros((cfg.n_rec,), dtype), jnp.zeros((cfg.n_rec, n_par), dtype)) if cfg.rate_regularization else ()
     acc0 = (jnp.zeros((), dtype), jnp.zeros((n_par,), dtype), spikes0)
-    (_, _, _, (loss, g, spikes)), _ = jax.lax.scan(body, (s_init, sens0, m0, acc0), time_major(cfg, batch, noise))
+    (_, _, _, (loss, g, spikes)), _ = _model.time_scan(body, (s_init, sens0, m0, acc0), time_major(cfg, batch, noise))
     if cfg.rate_regularization:
         penalty, on_spikes = rate_penalty_from_counts(cfg, spikes[0], batch.x.shape[:2])
         loss, g = loss + penalty, g + on_spikes @ spikes[1]
@@ -403,7 +403,7 @@ def online_estimate(cfg: ModelConfig, params: Params, struct: Structure, batch: 
     s_init = _model.initial_state(cfg, params, batch.x.shape[0])
     carry0 = (s_init, carried0, jnp.zeros((), params.w_rec.dtype), g0)
     keys = None if key is None else jax.random.split(key, n_steps)
-    (_, _, loss, g), _ = jax.lax.scan(body, carry0, (time_major(cfg, batch, noise), keys))
+    (_, _, loss, g), _ = _model.time_scan(body, carry0, (time_major(cfg, batch, noise), keys))
     return loss, g
 
 

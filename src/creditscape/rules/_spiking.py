@@ -87,7 +87,7 @@ def spiking_trace_online(cfg: ModelConfig, params: Params, struct: Structure, ba
             jnp.zeros((cfg.n_out,), dtype), spikes0)
     prev0 = (per_synapse, jnp.zeros((bsz, n), dtype))
     carry0 = (s_init, psi_init, ev0, per_synapse, per_synapse, prev0, acc0)
-    (*_, (last_elig, last_signal), acc), _ = jax.lax.scan(body, carry0, time_major(cfg, batch, noise))
+    (*_, (last_elig, last_signal), acc), _ = _model.time_scan(body, carry0, time_major(cfg, batch, noise))
     loss, g_full, g_out, g_bout, spikes = acc
     g_full = g_full + jnp.einsum("bi,bij->ij", last_signal, last_elig)
     if cfg.rate_regularization:
