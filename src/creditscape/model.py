@@ -541,7 +541,8 @@ def steps_without_readout(cfg: ModelConfig, n_steps: int) -> int:
 # per iteration beat 4 and 16. Only the training iteration is unrolled: it runs thousands of times,
 # while the measurement programs (Hessian-vector products through the loop, Lanczos, sharpness),
 # run a few times, took more than twice as long to compile unrolled. On a CPU unrolling measured
-# slower (docs/performance.md). The numbers computed are the same either way.
+# slower (docs/performance.md). The arithmetic is the same either way (the order XLA fuses it in
+# may differ in the last bits).
 GPU_FULL_UNROLL = 32  # sequences up to this long are unrolled completely
 GPU_PARTIAL_UNROLL = 8  # longer ones this many steps per iteration
 _UNROLLING = contextvars.ContextVar("creditscape_unrolling", default=False)
