@@ -13,7 +13,8 @@ Stages, in order of what matters most:
   the minimal JAX loop and PyTorch's eager loop at one seed beside it;
 - ``hvp``: Hessian-vector product over gradient (all parameters, batch 256);
 - ``preset``: the `paper-smnist` preset end to end (2 rules × 5 seeds, 10,000 / 16,000
-  iterations, 40 curvature points, the final passes over 75,000 images, the report), wall clock;
+  iterations, 40 curvature points, the final passes over 75,000 images, the report), wall clock,
+  and each finished unit's training, evaluation and final-measurement seconds;
 - ``precision``: benchmarks/matmul_precision.py — every rule's float32 gradient under each
   precision against float64;
 - ``tests``: the float64 rule, curvature and spiking tests (``make test``'s part) on this device;
@@ -109,11 +110,29 @@ def preset(name: str, mnist_dir: str | None, out_dir: Path, timeout: float) -> d
             returncode = done.returncode
         except subprocess.TimeoutExpired:
             returncode = "stopped at the stage's time limit"
-    out = {"seconds": time.perf_counter() - start, "returncode": returncode, "timeout": timeout}
+    out = {"seconds": time.perf_counter() - start, "returncode": returncode, "timeout": timeout,
+           "units": unit_times(run_dir)}
     for file in ("report.md", "environment.json"):
         if (run_dir / file).exists():
             out[file] = (run_dir / file).read_text()
     print(f"  {name} end to end: {out['seconds']:.0f} s (returncode {returncode})", flush=True)
+    return out
+
+
+def unit_times(run_dir: Path) -> dict:
+    """Where each finished unit's time went: training (compiling its chunk included), the
+    evaluations along training, and the final measurements (the rest of measuring)."""
+    from creditscape._files import load_arrays
+
+    out = {}
+    for path in sorted((run_dir / "runs").glob("*.npz")):
+        if path.name.endswith(".ckpt.npz"):
+            continue
+        run = load_arrays(path)
+        evals = float(run["eval_seconds"].sum())
+        out[path.stem] = {"train_seconds": float(run["train_seconds"]), "evaluation_seconds": evals,
+                          "final_measurement_seconds": float(run["measure_seconds"]) - evals,
+                          "evaluations": int(run["eval_seconds"].shape[0])}
     return out
 
 
