@@ -154,7 +154,6 @@ def test_lanczos_stops_at_an_exhausted_krylov_space():
             np.testing.assert_allclose(eig.values, [5.0, 2.0, -1.0], rtol=1e-4)
 
 
-@needs_mnist
 @pytest.mark.parametrize("case", ["random", "repeated", "decoupled"])
 def test_sturm_bisection_gives_the_top_eigenvalues_of_every_leading_block(case):
     rng = np.random.default_rng(["random", "repeated", "decoupled"].index(case))
@@ -203,6 +202,7 @@ def test_lanczos_with_a_tolerance_stops_once_the_top_values_settle_and_stays_a_l
         lanczos(matvec, v0, 60, 2, tol=1.5)
 
 
+@needs_mnist
 def test_twenty_lanczos_steps_find_the_top_eigenvalue_of_a_trained_smnist_network():
     """What runs measure (20 steps on the 16,384-dimensional W_rec block of the paper's network,
     from a random start, float32) against a converged top eigenvalue, on a network trained on real
