@@ -31,9 +31,11 @@ import numpy as np
 
 from creditscape import model as M
 from creditscape.curvature import block_loss, hvp, lanczos
+from creditscape.devices import MemberSharding, one_host_device_per_core
 from creditscape.objective import Batch, Noise
 from creditscape.rules import get_rule
-from creditscape.train import CurvatureProbe, TrainConfig, init_ensemble, make_chunk, make_evaluator
+from creditscape.train import (CurvatureProbe, TrainConfig, init_ensemble, make_chunk, make_evaluator,
+                               minibatch_splits)
 
 N, T, B, N_IN, N_OUT = 128, 28, 256, 28, 10
 CHUNK = 20
@@ -186,12 +188,18 @@ def torch_eager(train, repeats: int, against=None, rounds: int = 1) -> dict | No
     return out
 
 
-def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1, matmul_precision="highest"):
+def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1, matmul_precision="highest", devices=None):
+    """A training chunk of ``seeds`` members on the first device, or with ``devices`` laid out as a
+    run lays them out over that many devices (:class:`MemberSharding`: a minibatch split over
+    devices beyond the members)."""
     cfg = model_config(n_rec, readout_steps)
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK, form=form,
                        matmul_precision=matmul_precision)
-    chunk = make_chunk(cfg, rule, tcfg)
+    layout = None if devices is None else MemberSharding(devices, seeds, B if minibatch_splits(cfg, rule) else None)
+    chunk = make_chunk(cfg, rule, tcfg, layout)
     states, structs = init_ensemble(cfg, rule, tcfg, list(range(seeds)))
+    if layout is not None:
+        (states, structs), train = layout.shard((states, structs)), layout.replicate(train)
     # make_chunk donates its state argument: keep a copy to call it repeatedly on the same input.
     return lambda: chunk(jax.tree.map(jnp.copy, states), structs, train, 0, CHUNK)
 
@@ -231,6 +239,7 @@ def targets(r: dict) -> dict[str, tuple[str, bool | None]]:
 
 
 def main():
+    one_host_device_per_core()  # (before JAX starts its backend; one-device programs run on the first)
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repeats and seeds (smoke test)")
     parser.add_argument("--json", help="write results here")
@@ -257,7 +266,19 @@ def main():
                                      "bptt_ms_per_step": 1e3 * every_cs / CHUNK, "bptt_over_minimal": every_ratio}
     print(f"  with a readout at every step: minimal {1e3 * every_min / CHUNK:.2f} ms/step, creditscape "
           f"{1e3 * every_cs / CHUNK:.2f} ms/step (ratio {every_ratio:.2f})")
-    eager = torch_eager(train, repeats, against=bptt_chunk, rounds=3 if args.quick else 7)
+    # What `creditscape run` does with one seed: on a CPU split into one host device per core (set
+    # up at the start, as the command does), the minibatch is split over the cores. PyTorch uses as
+    # many threads, so this is the comparison a user makes.
+    cores = len(jax.local_devices())
+    run_chunk = bptt_chunk
+    if cores > 1:
+        run_chunk = creditscape_chunk(get_rule("bptt"), None, train, devices=cores)
+        split, _, speedup = paired(run_chunk, bptt_chunk, rounds=3 if args.quick else 5)
+        results["bptt_batch_split"] = {"devices": cores, "ms_per_step": 1e3 * split / CHUNK,
+                                       "one_device_over_split": speedup}
+        print(f"creditscape bptt, one seed's minibatch split over {cores} devices: {1e3 * split / CHUNK:.2f} ms/step, "
+              f"{speedup:.2f}x faster than on one device")
+    eager = torch_eager(train, repeats, against=run_chunk, rounds=3 if args.quick else 7)
     if eager is None:
         print("PyTorch eager baseline skipped: torch is not installed (pip install -e '.[bench]').")
     else:
@@ -266,8 +287,9 @@ def main():
         per_round = eager["over_against"]
         results["torch_eager_over_creditscape_bptt"] = statistics.median(per_round)
         print(f"PyTorch {eager['version']} eager BPTT on {eager['device']} {1e3 * eager['step']:.2f} ms/step "
-              f"= {statistics.median(per_round):.2f} x creditscape bptt (median of {len(per_round)} rounds in "
-              f"alternation; {min(per_round):.2f}–{max(per_round):.2f})")
+              f"= {statistics.median(per_round):.2f} x creditscape bptt on {cores} device(s) (median of "
+              f"{len(per_round)} rounds in alternation; {min(per_round):.2f}–{max(per_round):.2f}); "
+              f"{eager['step'] / bptt:.2f} x creditscape on one device")
 
     rules = {}
     for name, form in [("tbptt", "offline"), ("eprop", "offline"), ("eprop", "online"), ("eprop_random", "offline"),

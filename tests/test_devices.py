@@ -16,9 +16,10 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     jax.config.update("jax_enable_x64", True)
     from creditscape import model as M
+    from creditscape.devices import MemberSharding
     from creditscape.rules import get_rule
     from creditscape.tasks import get_task, make_splits
-    from creditscape.train import Checkpoint, CurvatureProbe, TrainConfig, to_device, train_ensemble
+    from creditscape.train import Checkpoint, CurvatureProbe, TrainConfig, minibatch_splits, to_device, train_ensemble
 
     assert len(jax.local_devices()) == 4
     task = get_task("cue_recall", delay=3)
@@ -28,14 +29,18 @@ SCRIPT = textwrap.dedent("""
     probe = CurvatureProbe(batch=to_device(jax.tree.map(lambda a: a[:16], s.train)), steps=6)
     sets = {"train": s.train, "test": s.test}
 
-    def train(devices, rule="mdgl", checkpoint=None):
-        return train_ensemble(cfg, get_rule(rule), tcfg, [5, 6, 7], s.train, sets, learning_rates=[0.01, 0.02, 0.01],
+    def train(devices, rule="mdgl", checkpoint=None, seeds=(5, 6, 7)):
+        return train_ensemble(cfg, get_rule(rule), tcfg, seeds, s.train, sets, learning_rates=[0.01, 0.02, 0.01][:len(seeds)],
                               probe=probe, keep_trajectory=True, progress=False, devices=devices,
                               checkpoint=checkpoint)
 
     def same(a, b, exact=False):
         # wall times, and how many evaluations a run read back from a checkpoint
         a, b = (r._replace(eval_seconds=None, restored_evaluations=None) for r in (a, b))
+        if not exact:  # a converged Lanczos residual ‖Hv₁ − λ₁v₁‖ is rounding on the scale of λ
+            scale = np.nanmax(np.abs(b.evals["lambda_max"]))
+            np.testing.assert_allclose(a.evals["lambda_residual"], b.evals["lambda_residual"], rtol=1e-5, atol=1e-5 * scale)
+            a, b = (r._replace(evals={k: v for k, v in r.evals.items() if k != "lambda_residual"}) for r in (a, b))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             x, y = np.asarray(x), np.asarray(y)
             if exact or not np.issubdtype(x.dtype, np.floating):
@@ -57,6 +62,17 @@ SCRIPT = textwrap.dedent("""
     resumed = train(4, checkpoint=ckpt)
     assert resumed.restored_evaluations == 4  # iterations 0, 10, 20 and 30
     same(resumed, one)
+    # Devices beyond the members split each member's minibatch (a rule of per-sequence estimates).
+    layouts = {(d, m, r): MemberSharding(d, m, tcfg.batch_size if minibatch_splits(cfg, get_rule(r)) else None)
+               for d, m, r in [(4, 1, "mdgl"), (4, 2, "mdgl"), (3, 1, "mdgl"), (4, 1, "modprop"), (4, 3, "mdgl")]}
+    assert {k: (v.mesh.shape["members"], v.batch_split) for k, v in layouts.items()} == {
+        (4, 1, "mdgl"): (1, 4), (4, 2, "mdgl"): (2, 2), (3, 1, "mdgl"): (1, 2),  # (3 does not divide the batch of 8)
+        (4, 1, "modprop"): (4, 1), (4, 3, "mdgl"): (4, 1)}
+    for seeds in ([5], [5, 6]):
+        alone = train(1, seeds=seeds)
+        split = train(4, seeds=seeds)
+        same(split, alone)
+        same(train(4, seeds=seeds), split, exact=True)
     try:
         train(5)
     except ValueError as err:

@@ -1,6 +1,7 @@
 """Every rule against an independent reference, in float64 on fresh random instances."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from cases import MASKS, assert_close, draw, flat, model_cases
 from creditscape import _reference as ref
 from creditscape import model as M
 from creditscape.tasks import make_splits
+from creditscape.train import minibatch_splits
 from creditscape.rules import (
     Rule, get_rule, gradient_alignment, modulatory_weights, register, rule_class, rule_gradient, rule_names,
 )
@@ -349,3 +351,39 @@ def test_user_defined_rule_registers_and_trains():
             register(HalfEProp)
     finally:
         _base._REGISTRY.pop("half_eprop_test")
+
+
+def _whole_and_mean_of_halves(rule, cfg, form):
+    """(loss, ĝ) of a batch of 2B sequences, and the mean of those of its two halves."""
+    params, struct, *first = draw(cfg, 0, noise=True)
+    first, second = tuple(first), draw(cfg, 1, noise=True)[2:]
+    whole = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, second)
+    halves = [_grad(rule, cfg, params, struct, *part, form=form) for part in (first, second)]
+    return _grad(rule, cfg, params, struct, *whole, form=form), jax.tree.map(lambda a, b: (a + b) / 2, *halves)
+
+
+@pytest.mark.parametrize("name", rule_names())
+def test_a_per_sequence_rule_estimates_the_mean_of_its_sequences_estimates(name):
+    """What lets training split one member's minibatch over devices (``train.minibatch_splits``):
+    the loss and ĝ of a batch are the means of those of its halves, in every form, on a rate model
+    and on a spiking one. ModProp's slope μ and the spiking firing-rate regularizer's f̄ are batch
+    statistics: there it fails, and neither is declared splittable."""
+    rule = get_rule(name)
+    rate = M.ModelConfig(3, 5, 2, alpha=0.3, activation="tanh", dale_exc_fraction=0.6, cell_types=2)
+    spiking = M.ModelConfig(3, 5, 2, form="alif", alpha=0.5, threshold=0.3, cell_types=2, adaptive_fraction=0.6)
+    cfgs = [rate, spiking] if rule.spiking else [rate]
+    assert all(minibatch_splits(cfg, rule) == rule.per_sequence for cfg in cfgs)
+    if rule.stochastic:  # (each part would draw its own numbers)
+        assert not rule.per_sequence
+        return
+    for cfg, form in itertools.product(cfgs, rule.forms):
+        whole, mean = _whole_and_mean_of_halves(rule, cfg, form)
+        if rule.per_sequence:
+            assert_close(whole, mean, rtol=1e-12)
+        else:
+            assert np.abs(flat(whole) - flat(mean)).max() > 1e-6 * np.abs(flat(whole)).max(), name
+    if rule.spiking and rule.per_sequence:
+        regularized = dataclasses.replace(spiking, rate_regularization=3.0, target_rate=0.05)
+        assert not minibatch_splits(regularized, rule)
+        whole, mean = _whole_and_mean_of_halves(rule, regularized, rule.forms[0])
+        assert np.abs(flat(whole) - flat(mean)).max() > 1e-6 * np.abs(flat(whole)).max(), name

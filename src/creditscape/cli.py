@@ -11,11 +11,11 @@ import threading
 from pathlib import Path
 
 from creditscape import presets, stopping
+from creditscape.devices import one_host_device_per_core
 from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError, UnitsFailed
 
 
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
-HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 LOCAL_RAY = "local"  # `--ray` without an address
 
 
@@ -42,15 +42,10 @@ def _acknowledge_interrupts() -> None:
 def _cmd_run(args) -> int:
     if threading.current_thread() is threading.main_thread():
         _acknowledge_interrupts()
-    # Read by XLA when its backend starts, which has not happened yet. One host device per core:
-    # one XLA CPU device keeps about one core busy, and the members of a run train in parallel
-    # over the host devices (docs/scale.md; no effect on accelerators). A count already set wins.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if HOST_DEVICES_FLAG not in flags:
-        flags += f" {HOST_DEVICES_FLAG}={len(os.sched_getaffinity(0))}"
+    # Read by XLA when its backend starts, which has not happened yet.
+    one_host_device_per_core()
     if args.deterministic:
-        flags += " " + DETERMINISTIC_XLA_FLAG
-    os.environ["XLA_FLAGS"] = flags.strip()
+        os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {DETERMINISTIC_XLA_FLAG}"
     _persistent_compilation_cache()
     from creditscape.config import load
     from creditscape.experiment import run_experiment

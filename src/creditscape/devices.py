@@ -4,34 +4,76 @@ Members (seeds × learning rates) never interact, so a vmapped ensemble shards a
 axis without communication: each device trains its share. Members are padded to a multiple of
 the device count with copies of the last member, which compute exactly what it computes and are
 dropped from every result.
+
+When there are at least twice as many devices as members (one seed on a CPU split into one host
+device per core), the spare devices share each member's minibatch instead: a mesh ("members",
+"batch") whose batch axis splits a minibatch into equal parts, each device forms the estimate of
+its part, and one mean over the axis per iteration gives the member's gradient (training only, and
+only where loss and estimate are batch means of per-sequence values, ``train.minibatch_splits``).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def one_host_device_per_core() -> None:
+    """Split a CPU into one XLA host device per core, unless ``XLA_FLAGS`` already gives a count.
+
+    Call it before JAX starts its backend (XLA reads the flag then); it does nothing on an
+    accelerator. One XLA CPU device keeps about one core busy on creditscape's small programs, so
+    members, or the parts of one member's minibatch, train in parallel over the host devices
+    (docs/scale.md)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if HOST_DEVICES_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={len(os.sched_getaffinity(0))}".strip()
+
 
 class MemberSharding:
-    """The member axis of an ensemble laid over ``devices`` local devices (default: all)."""
+    """The member axis of an ensemble laid over ``devices`` local devices (default: all).
 
-    def __init__(self, devices: int | None = None):
+    ``members``, the ensemble's size, and ``batch_size`` (given when the rule's estimate may be
+    split over a minibatch) let devices beyond the members split each member's minibatch:
+    ``batch_split`` devices per member, the largest count up to devices // members that divides
+    the minibatch, when that is at least 2. Otherwise the members alone are spread over
+    ``devices`` (padded to a multiple of them), or by default over all local devices but no more
+    than the members.
+    """
+
+    def __init__(self, devices: int | None = None, members: int | None = None, batch_size: int | None = None):
         available = jax.local_devices()
         count = len(available) if devices is None else devices
         if not 1 <= count <= len(available):
             raise ValueError(f"devices = {count}, but this machine has {len(available)} "
                              f"({available[0].platform}); use a number from 1 to {len(available)}.")
-        self.mesh = Mesh(np.array(available[:count]), ("members",))
-        self.count = count
+        split = 1
+        if members is not None and batch_size is not None and count >= 2 * members:
+            split = max(k for k in range(1, count // members + 1) if batch_size % k == 0)
+        if split > 1:
+            member_devices = members
+        elif devices is None and members is not None:  # (by default no padding copies)
+            member_devices = min(count, members)
+        else:
+            member_devices = count
+        self.mesh = Mesh(np.array(available[:member_devices * split]).reshape(member_devices, split),
+                         ("members", "batch"))
+        self.count = member_devices * split  # devices in use
+        self.batch_split = split
 
     def padded(self, members: int) -> int:
-        """``members`` rounded up to a multiple of the device count."""
-        return -(-members // self.count) * self.count
+        """``members`` rounded up to a multiple of the devices along the member axis."""
+        along = self.mesh.shape["members"]
+        return -(-members // along) * along
 
     def shard(self, tree):
-        """Place every leaf split along its leading (member) axis."""
+        """Place every leaf split along its leading (member) axis (whole on each device of a batch split)."""
         return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec("members")))
 
     def replicate(self, tree):

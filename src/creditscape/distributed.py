@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from creditscape import stopping
 from creditscape._files import save_arrays
-from creditscape.cli import HOST_DEVICES_FLAG
+from creditscape.devices import HOST_DEVICES_FLAG
 from creditscape.errors import ConfigError, UnitsFailed
 from creditscape.experiment import run_path, train_unit, unit_label, units_to_train
 from creditscape.train import Checkpoint

@@ -33,6 +33,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec
 
 from creditscape import model as _model
 from creditscape import stopping
@@ -228,12 +229,35 @@ def init_ensemble(cfg, rule, tcfg, seeds, dtype=jnp.float32, learning_rates=None
     )
 
 
-def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
+def minibatch_splits(cfg: ModelConfig, rule: Rule) -> bool:
+    """Whether the loss and ĝ are batch means of per-sequence values, so that a minibatch may be
+    split over devices and the parts' means averaged: the rule's estimate is
+    (``Rule.per_sequence``) and the loss has no batch-level term (the spiking firing-rate
+    regularizer's f̄ is a mean over the batch)."""
+    return rule.per_sequence and not cfg.rate_regularization
+
+
+def _batch_part(tree, axis: str):
+    """This device's equal share of the leading (batch) axis of every leaf, along mesh ``axis``."""
+    parts, i = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * (a.shape[0] // parts), a.shape[0] // parts), tree)
+
+
+def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, batch_axis: str | None = None) -> Callable:
     """One training iteration of one seed: (state, struct, train_set) → (state, loss). A rule that
     learns (``Rule.learns``) updates its state from the same batch and noise, at the parameters
-    the gradient was formed at."""
+    the gradient was formed at.
+
+    ``batch_axis``: the iteration runs on each device of that mesh axis (inside ``shard_map``); the
+    minibatch, its noise and its draws are those of one device, but each device forms the loss and
+    ĝ of its equal part only, and their mean over the axis is the minibatch's
+    (:func:`minibatch_splits`). Everything else is computed alike on every device."""
+    if batch_axis is not None and not minibatch_splits(cfg, rule):
+        raise ValueError(f"{rule.name!r} on this model is not a batch mean of per-sequence estimates (see "
+                         "minibatch_splits); its minibatch cannot be split.")
     optimizer = make_optimizer(tcfg)
     form = rule.check_form(tcfg.form)
+    part = (lambda tree: _batch_part(tree, batch_axis)) if batch_axis else (lambda tree: tree)
 
     def iteration(state: TrainState, struct: Structure, train_set: Batch):
         rule_state = state.rule_state
@@ -253,9 +277,9 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
 
         k_rule = jax.random.fold_in(k_noise, 3)
         if not tcfg.weight_noise:
-            loss, grads = estimate(state.params, batch, noise, k_rule)
+            loss, grads = estimate(state.params, part(batch), part(noise), k_rule)
         elif tcfg.weight_noise_draw == "iteration":
-            loss, grads = estimate(noisy_synapses(jax.random.fold_in(k_noise, 1)), batch, noise, k_rule)
+            loss, grads = estimate(noisy_synapses(jax.random.fold_in(k_noise, 1)), part(batch), part(noise), k_rule)
         else:  # a trial's loss weights are 1/B of its own as a batch of one: the mean is the batch's
             def one_trial(key, k_trial_rule, trial, trial_noise):
                 one = lambda tree: jax.tree.map(lambda a: a[None], tree)
@@ -263,7 +287,10 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
 
             keys = jax.random.split(jax.random.fold_in(k_noise, 1), tcfg.batch_size)
             rule_keys = jax.random.split(k_rule, tcfg.batch_size)
-            loss, grads = jax.tree.map(lambda a: jnp.mean(a, axis=0), jax.vmap(one_trial)(keys, rule_keys, batch, noise))
+            trials = part((keys, rule_keys, batch, noise))
+            loss, grads = jax.tree.map(lambda a: jnp.mean(a, axis=0), jax.vmap(one_trial)(*trials))
+        if batch_axis is not None:  # equal parts: the mean of their means is the minibatch's
+            loss, grads = jax.lax.pmean((loss, grads), batch_axis)
         beta = tcfg.target_smoothing
         smoothed = jnp.where(jnp.isnan(state.smoothed_loss), loss, beta * state.smoothed_loss + (1 - beta) * loss)
         if tcfg.l2:
@@ -294,15 +321,21 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
     return iteration
 
 
-def make_chunk(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
+def make_chunk(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, layout: MemberSharding | None = None) -> Callable:
     """Compiled: iterations ``start`` to ``stop`` of a chunk of ``eval_every`` for every seed.
 
     (states, structs, train_set, start, stop) → (states, losses (seeds, eval_every)),
     the losses of iterations [start, stop) in their places and NaN elsewhere. One program serves
     every split of a chunk (the bounds are traced), and the result does not depend on the split:
     each piece runs the same compiled iteration.
+
+    ``layout``: with a batch split (``layout.batch_split > 1``) the program runs on every device of
+    the layout's mesh, each member's minibatch split over the devices of its row (the states
+    sharded as ``layout.shard`` places them); otherwise XLA partitions the member axis as the
+    arguments lie.
     """
-    iteration = make_iteration(cfg, rule, tcfg)
+    split = layout is not None and layout.batch_split > 1
+    iteration = make_iteration(cfg, rule, tcfg, batch_axis="batch" if split else None)
 
     def one_seed(state, struct, train_set, start, stop):
         def body(t, carry):
@@ -315,7 +348,14 @@ def make_chunk(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig) -> Callable:
         with jax.default_matmul_precision(tcfg.matmul_precision), _model.unrolled_time_loops():
             return jax.lax.fori_loop(start, stop, body, (state, losses))
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, None, None)), donate_argnums=0)
+    seeds = jax.vmap(one_seed, in_axes=(0, 0, None, None, None))
+    if split:
+        members, whole = PartitionSpec("members"), PartitionSpec()
+        # (check_vma off: the rules' loops start from constants that the batch part then varies;
+        # the states are the same on every device of a row, as they come from the mean)
+        seeds = jax.shard_map(seeds, mesh=layout.mesh, in_specs=(members, members, whole, whole, whole),
+                              out_specs=(members, members), check_vma=False)
+    return jax.jit(seeds, donate_argnums=0)
 
 
 PIECE_SECONDS = 1.0  # the longest a stop request waits for training (between two pieces)
@@ -600,8 +640,9 @@ def train_ensemble(
             whole sets (what the final tables report); the cost of the evaluations falls in
             proportion.
         devices: spread the members over this many local devices (default: all of them, but no
-            more than the members); the results agree with one device's to rounding, and are the
-            same bits for the same device count.
+            more than the members unless :func:`minibatch_splits`: then devices at least twice the
+            members split each member's minibatch, see :class:`MemberSharding`); the results
+            agree with one device's to rounding, and are the same bits for the same device count.
     """
     if train_set.x.shape[-1] != cfg.n_in:
         raise ValueError(f"Training inputs have {train_set.x.shape[-1]} channels; the model has n_in={cfg.n_in}.")
@@ -610,7 +651,8 @@ def train_ensemble(
         check_scored_steps(cfg, batch, name)
     seeds = list(seeds)
     n = len(seeds)
-    layout = MemberSharding(min(len(jax.local_devices()), n) if devices is None else devices)
+    # Devices beyond the members split each member's minibatch when the rule allows it.
+    layout = MemberSharding(devices, members=n, batch_size=tcfg.batch_size if minibatch_splits(cfg, rule) else None)
     train_set = layout.replicate(to_device(train_set))
     eval_sets = {k: layout.replicate(to_device(v)) for k, v in (eval_sets or {"train": train_set}).items()}
     history_sets = eval_sets
@@ -623,7 +665,7 @@ def train_ensemble(
     states, structs = layout.shard(init_ensemble(
         cfg, rule, tcfg, pad_members(np.asarray(seeds), members), train_set.x.dtype,
         pad_members(np.asarray(lrs, dtype=np.float64), members)))
-    chunk = make_chunk(cfg, rule, tcfg)
+    chunk = make_chunk(cfg, rule, tcfg, layout)
     evaluator = make_evaluator(cfg, rule, tcfg, probe)
     if probe is not None:
         dim = ravel_pytree(_select(jax.tree.map(lambda a: a[0], states.params), probe.block))[0].shape[0]

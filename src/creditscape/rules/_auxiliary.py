@@ -60,6 +60,7 @@ class KeRNL(Rule):
     """
 
     name = "kernl"
+    per_sequence = True
     formula = "g_ij = Σ_t (c_t A)_i B_ij(t), B_ij = κ_i B_ij + D_i p_j;  A, κ learned to predict perturbations"
     forms = ("online",)
     learns = True
@@ -157,6 +158,7 @@ class DNI(Rule):
     """
 
     name = "dni"
+    per_sequence = True
     formula = "g_ij = Σ_t [A ã_t]_i D_i p_j, ã = [s, y*, 1];  A learned to predict c_t + J_{t+1}ᵀ A ã_{t+1}"
     forms = ("online",)
     learns = True

@@ -14,6 +14,9 @@ A **stochastic** rule (``stochastic = True``: UORO, KF-RTRL, ...) draws random n
 estimate from the ``key`` it is given; an exact gradient is then the estimate's expectation over
 keys, not one draw. Only stochastic rules receive a key.
 
+A **per-sequence** rule (``per_sequence = True``) forms ĝ as the batch mean of every sequence's own
+estimate; training may then split one member's minibatch over several devices.
+
 Adding a rule: subclass :class:`Rule`, implement :meth:`Rule.gradient`, set ``name``, ``formula``
 and ``forms``, and decorate with :func:`register`. The shared test matrix then covers it.
 """
@@ -44,6 +47,10 @@ class Rule(abc.ABC):
     stochastic: ClassVar[bool] = False  # draws random numbers from ``key`` in each estimate
     learns: ClassVar[bool] = False  # its state holds auxiliary parameters updated by :meth:`learn`
     spiking: ClassVar[bool] = False  # defined on spiking networks (model forms "lif" and "alif")
+    # ĝ and the loss are the batch means of each sequence's own estimate and loss, so a minibatch
+    # may be split over devices and the parts' means averaged (tested for every rule that says so).
+    # False unless a rule declares it: one that uses batch statistics (ModProp's μ) is not.
+    per_sequence: ClassVar[bool] = False
 
     def init(self, cfg: ModelConfig, params: Params, struct: Structure, *, key: jax.Array) -> RuleState:
         """Draw the rule's fixed state (e.g. random feedback); ``()`` when it has none."""

@@ -25,6 +25,7 @@ class BPTT(Rule):
     """
 
     name = "bptt"
+    per_sequence = True
     spiking = True
     formula = "g = dL/dθ exactly (reverse mode through the whole sequence)"
     forms = ("offline",)
@@ -59,6 +60,7 @@ class TruncatedBPTT(Rule):
     """
 
     name = "tbptt"
+    per_sequence = True
     spiking = True
     formula = "g = Σ_t dℓ_t/ds_t · Σ_{τ>t-K} J_t…J_{τ+1} ∂s_τ/∂θ (only the last K steps)"
     forms = ("offline", "online")

@@ -40,6 +40,7 @@ class EProp(Rule):
     """
 
     name = "eprop"
+    per_sequence = True
     spiking = True
     formula = "g_ij = Σ_t [W_outᵀ e_t]_i · e_ij(t), eligibility e from the leak path only"
     forms = ("offline", "online")
@@ -69,6 +70,7 @@ class RandomEProp(Rule):
     """
 
     name = "eprop_random"
+    per_sequence = True
     spiking = True
     formula = "g_ij = Σ_t [Bᵀ e_t]_i · e_ij(t), B fixed random, eligibility from the leak path"
     forms = ("offline", "online")

@@ -64,6 +64,7 @@ class MDGL(Rule):
     """
 
     name = "mdgl"
+    per_sequence = True
     spiking = True
     formula = ("g_ij = Σ_t [L_t + (1-α) W̄ᵀ(φ'_{t+1}⊙L_{t+1})]_i · e_ij(t), "
                "W̄ = cell-type mean of W_rec over existing connections")

@@ -50,6 +50,7 @@ class ModProp(MDGL):
     spiking = False  # its hop is written for the rate-model forms
     formula = "g_ij = Σ_t [Σ_s (R̄ᵀ)^s L_{t+s}]_i · e_ij(t), R̄ᵀL = (1-α) W̄ᵀ(μ⊙L), μ = mean φ'; hops s ≤ S (all)"
     forms = ("offline",)
+    per_sequence = False  # μ is a batch statistic
     hops: int | None = None
     slope: str = "mean"
 

@@ -24,6 +24,7 @@ class RTRL(Rule):
     """
 
     name = "rtrl"
+    per_sequence = True
     spiking = True
     formula = "M_t = J_t M_{t-1} + ∂s_t/∂θ;  g = Σ_t dℓ_t/ds_t · M_t  (exact, O(N^4); small N)"
     forms = ("online",)

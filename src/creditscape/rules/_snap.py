@@ -55,6 +55,7 @@ class SnAp(Rule):
     """
 
     name = "snap"
+    per_sequence = True
     formula = "M_t = P_n ⊙ (J_t M_{t-1} + I_t), P_n: units reachable in n-1 steps;  g = Σ_t dℓ_t/ds_t · M_t"
     forms = ("online",)
     n: int = 1
