@@ -34,8 +34,8 @@ from creditscape.curvature import block_loss, hvp, lanczos
 from creditscape.devices import MemberSharding, one_host_device_per_core
 from creditscape.objective import Batch, Noise
 from creditscape.rules import get_rule
-from creditscape.train import (CurvatureProbe, TrainConfig, init_ensemble, make_chunk, make_evaluator,
-                               minibatch_splits)
+from creditscape.train import (CurvatureProbe, TrainConfig, batch_parts, init_ensemble, make_chunk,
+                               make_evaluator)
 
 N, T, B, N_IN, N_OUT = 128, 28, 256, 28, 10
 CHUNK = 20
@@ -195,7 +195,7 @@ def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1, matm
     cfg = model_config(n_rec, readout_steps)
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK, form=form,
                        matmul_precision=matmul_precision)
-    layout = None if devices is None else MemberSharding(devices, seeds, B if minibatch_splits(cfg, rule) else None)
+    layout = None if devices is None else MemberSharding(devices, seeds, batch_parts(cfg, rule, tcfg, T, devices // seeds))
     chunk = make_chunk(cfg, rule, tcfg, layout)
     states, structs = init_ensemble(cfg, rule, tcfg, list(range(seeds)))
     if layout is not None:

@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent("""
     from creditscape.devices import MemberSharding
     from creditscape.rules import get_rule
     from creditscape.tasks import get_task, make_splits
-    from creditscape.train import Checkpoint, CurvatureProbe, TrainConfig, minibatch_splits, to_device, train_ensemble
+    from creditscape import train as training
+    from creditscape.train import Checkpoint, CurvatureProbe, TrainConfig, to_device, train_ensemble
 
     assert len(jax.local_devices()) == 4
     task = get_task("cue_recall", delay=3)
@@ -62,17 +63,28 @@ SCRIPT = textwrap.dedent("""
     resumed = train(4, checkpoint=ckpt)
     assert resumed.restored_evaluations == 4  # iterations 0, 10, 20 and 30
     same(resumed, one)
-    # Devices beyond the members split each member's minibatch (a rule of per-sequence estimates).
-    layouts = {(d, m, r): MemberSharding(d, m, tcfg.batch_size if minibatch_splits(cfg, get_rule(r)) else None)
-               for d, m, r in [(4, 1, "mdgl"), (4, 2, "mdgl"), (3, 1, "mdgl"), (4, 1, "modprop"), (4, 3, "mdgl")]}
-    assert {k: (v.mesh.shape["members"], v.batch_split) for k, v in layouts.items()} == {
-        (4, 1, "mdgl"): (1, 4), (4, 2, "mdgl"): (2, 2), (3, 1, "mdgl"): (1, 2),  # (3 does not divide the batch of 8)
-        (4, 1, "modprop"): (4, 1), (4, 3, "mdgl"): (4, 1)}
+    # Devices beyond the members split each member's minibatch where the rule's estimate is a batch
+    # mean and each part holds enough work (MIN_PART_WORK, lifted here for this tiny network).
+    n_steps = s.train.x.shape[1]
+    assert training.batch_parts(cfg, get_rule("mdgl"), tcfg, n_steps, 4) == 1
+    training.MIN_PART_WORK = 0
+    assert [training.batch_parts(cfg, get_rule(r), tcfg, n_steps, k)
+            for r, k in [("mdgl", 4), ("mdgl", 3), ("mdgl", 1), ("modprop", 4)]] == [4, 2, 1, 1]
+    assert MemberSharding(4, 2, 2).mesh.shape == {"members": 2, "batch": 2}
+    try:
+        MemberSharding(4, 3, 2)
+    except ValueError as err:
+        assert "need more than 4 devices" in str(err), err
+    else:
+        raise AssertionError("6 devices' layout accepted on 4")
+    splits, chunk_of = [], training.make_chunk  # (the layout each training compiles its chunk for)
+    training.make_chunk = lambda *args: (splits.append(args[3].batch_split), chunk_of(*args))[1]
     for seeds in ([5], [5, 6]):
         alone = train(1, seeds=seeds)
         split = train(4, seeds=seeds)
         same(split, alone)
         same(train(4, seeds=seeds), split, exact=True)
+    assert splits == [1, 4, 4, 1, 2, 2], splits
     try:
         train(5)
     except ValueError as err:

@@ -12,7 +12,7 @@ from creditscape import model as M
 from creditscape.objective import Batch, exact_loss
 from creditscape.rules import EProp, get_rule
 from creditscape.tasks import get_task, make_splits
-from creditscape.train import TrainConfig, full_precision, init_ensemble, make_chunk, to_device, train_ensemble
+from creditscape.train import TrainConfig, batch_parts, full_precision, init_ensemble, make_chunk, to_device, train_ensemble
 
 
 @pytest.fixture(scope="module")
@@ -333,3 +333,21 @@ def test_a_program_larger_than_the_device_is_refused_before_it_runs(cue):
     check_memory(compiled, "this", available=need)
     with pytest.raises(MemoryError):  # two host devices of one CPU hold two such programs
         check_memory(compiled, "this", available=need, sharing=2)
+
+
+def test_a_minibatch_is_split_over_devices_only_where_the_parts_hold_enough_work():
+    """Measured on 2 CPU cores (docs/scale.md): a split in two is 1.6x faster at the
+    sequential-MNIST shape and up to 3.5x slower at `quick`'s cue recall, and it is wrong for
+    ModProp (a batch-mean slope) and under the spiking rate regularizer (a batch-mean rate)."""
+    bptt = get_rule("bptt")
+    smnist = M.ModelConfig(28, 128, 10, bias=False, readout_steps=1)
+    tcfg = TrainConfig(batch_size=256)
+    assert batch_parts(smnist, bptt, tcfg, 28, 2) == 2
+    assert batch_parts(smnist, bptt, tcfg, 28, 8) == 8  # 32 sequences of 28 steps per part: 2^24.1
+    assert batch_parts(smnist, bptt, tcfg, 28, 1) == 1
+    assert batch_parts(smnist, bptt, dataclasses.replace(tcfg, batch_size=255), 28, 2) == 1  # no equal halves
+    assert batch_parts(smnist, get_rule("modprop"), tcfg, 28, 2) == 1
+    assert batch_parts(M.ModelConfig(3, 32, 3, alpha=0.5), bptt, TrainConfig(batch_size=32), 11, 2) == 1  # quick
+    spiking = M.ModelConfig(28, 128, 10, form="lif", rate_regularization=1.0)
+    assert batch_parts(spiking, bptt, tcfg, 28, 2) == 1
+    assert batch_parts(dataclasses.replace(spiking, rate_regularization=0.0), bptt, tcfg, 28, 2) == 2

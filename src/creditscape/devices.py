@@ -6,10 +6,10 @@ the device count with copies of the last member, which compute exactly what it c
 dropped from every result.
 
 When there are at least twice as many devices as members (one seed on a CPU split into one host
-device per core), the spare devices share each member's minibatch instead: a mesh ("members",
+device per core), the spare devices may share each member's minibatch instead: a mesh ("members",
 "batch") whose batch axis splits a minibatch into equal parts, each device forms the estimate of
-its part, and one mean over the axis per iteration gives the member's gradient (training only, and
-only where loss and estimate are batch means of per-sequence values, ``train.minibatch_splits``).
+its part, and one mean over the axis per iteration gives the member's gradient (training only;
+``train.batch_parts`` decides when).
 """
 
 from __future__ import annotations
@@ -39,33 +39,30 @@ def one_host_device_per_core() -> None:
 class MemberSharding:
     """The member axis of an ensemble laid over ``devices`` local devices (default: all).
 
-    ``members``, the ensemble's size, and ``batch_size`` (given when the rule's estimate may be
-    split over a minibatch) let devices beyond the members split each member's minibatch:
-    ``batch_split`` devices per member, the largest count up to devices // members that divides
-    the minibatch, when that is at least 2. Otherwise the members alone are spread over
-    ``devices`` (padded to a multiple of them), or by default over all local devices but no more
-    than the members.
+    The members are spread over ``devices`` (padded to a multiple of them), or by default over all
+    local devices but no more than the ``members``. With ``batch_split`` = k > 1, each of the
+    ``members`` instead has k devices that split its minibatch (``members`` × k of them in use;
+    when to split is :func:`creditscape.train.batch_parts`'s decision).
     """
 
-    def __init__(self, devices: int | None = None, members: int | None = None, batch_size: int | None = None):
+    def __init__(self, devices: int | None = None, members: int | None = None, batch_split: int = 1):
         available = jax.local_devices()
         count = len(available) if devices is None else devices
         if not 1 <= count <= len(available):
             raise ValueError(f"devices = {count}, but this machine has {len(available)} "
                              f"({available[0].platform}); use a number from 1 to {len(available)}.")
-        split = 1
-        if members is not None and batch_size is not None and count >= 2 * members:
-            split = max(k for k in range(1, count // members + 1) if batch_size % k == 0)
-        if split > 1:
+        if batch_split > 1:
+            if members is None or members * batch_split > count:
+                raise ValueError(f"{members} members with batch_split = {batch_split} need more than {count} devices.")
             member_devices = members
         elif devices is None and members is not None:  # (by default no padding copies)
             member_devices = min(count, members)
         else:
             member_devices = count
-        self.mesh = Mesh(np.array(available[:member_devices * split]).reshape(member_devices, split),
+        self.mesh = Mesh(np.array(available[:member_devices * batch_split]).reshape(member_devices, batch_split),
                          ("members", "batch"))
-        self.count = member_devices * split  # devices in use
-        self.batch_split = split
+        self.count = member_devices * batch_split  # devices in use
+        self.batch_split = batch_split
 
     def padded(self, members: int) -> int:
         """``members`` rounded up to a multiple of the devices along the member axis."""

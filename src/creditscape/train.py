@@ -237,6 +237,24 @@ def minibatch_splits(cfg: ModelConfig, rule: Rule) -> bool:
     return rule.per_sequence and not cfg.rate_regularization
 
 
+# The least work (sequences × T × N(N + n_in)) a device's part of a minibatch must hold for a split
+# to pay for its exchange between devices at every iteration. Measured on 2 CPU cores
+# (docs/scale.md): halves of 2^22.5 and less lost for some rule (up to 3.5× slower at `quick`'s cue
+# recall), halves of 2^24.5 and more won for every rule (1.6–1.7×, the sequential-MNIST shape).
+MIN_PART_WORK = 2**24
+
+
+def batch_parts(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, n_steps: int, devices_per_member: int) -> int:
+    """Into how many equal parts each member's minibatch is split over devices: the most, up to
+    ``devices_per_member``, that divide the minibatch and leave every part at least
+    :data:`MIN_PART_WORK`; 1 (no split) when :func:`minibatch_splits` is false."""
+    if not minibatch_splits(cfg, rule):
+        return 1
+    per_sequence = n_steps * cfg.n_rec * (cfg.n_rec + cfg.n_in)
+    return max(k for k in range(1, max(devices_per_member, 1) + 1)
+               if tcfg.batch_size % k == 0 and (k == 1 or tcfg.batch_size // k * per_sequence >= MIN_PART_WORK))
+
+
 def _batch_part(tree, axis: str):
     """This device's equal share of the leading (batch) axis of every leaf, along mesh ``axis``."""
     parts, i = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
@@ -640,8 +658,8 @@ def train_ensemble(
             whole sets (what the final tables report); the cost of the evaluations falls in
             proportion.
         devices: spread the members over this many local devices (default: all of them, but no
-            more than the members unless :func:`minibatch_splits`: then devices at least twice the
-            members split each member's minibatch, see :class:`MemberSharding`); the results
+            more than the members; devices at least twice the members may split each member's
+            minibatch instead, see :func:`batch_parts`); the results
             agree with one device's to rounding, and are the same bits for the same device count.
     """
     if train_set.x.shape[-1] != cfg.n_in:
@@ -651,8 +669,9 @@ def train_ensemble(
         check_scored_steps(cfg, batch, name)
     seeds = list(seeds)
     n = len(seeds)
-    # Devices beyond the members split each member's minibatch when the rule allows it.
-    layout = MemberSharding(devices, members=n, batch_size=tcfg.batch_size if minibatch_splits(cfg, rule) else None)
+    # Devices beyond the members split each member's minibatch when the rule allows it and it pays.
+    spare = (len(jax.local_devices()) if devices is None else devices) // n
+    layout = MemberSharding(devices, n, batch_parts(cfg, rule, tcfg, train_set.x.shape[1], spare))
     train_set = layout.replicate(to_device(train_set))
     eval_sets = {k: layout.replicate(to_device(v)) for k, v in (eval_sets or {"train": train_set}).items()}
     history_sets = eval_sets
