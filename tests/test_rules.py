@@ -1,7 +1,6 @@
 """Every rule against an independent reference, in float64 on fresh random instances."""
 
 import dataclasses
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -358,32 +357,32 @@ def _whole_and_mean_of_halves(rule, cfg, form):
     params, struct, *first = draw(cfg, 0, noise=True)
     first, second = tuple(first), draw(cfg, 1, noise=True)[2:]
     whole = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, second)
-    halves = [_grad(rule, cfg, params, struct, *part, form=form) for part in (first, second)]
-    return _grad(rule, cfg, params, struct, *whole, form=form), jax.tree.map(lambda a, b: (a + b) / 2, *halves)
+    grad = jax.jit(lambda batch, noise: _grad(rule, cfg, params, struct, batch, noise, form=form))  # (one program)
+    halves = [grad(*part) for part in (first, second)]
+    return grad(*whole), jax.tree.map(lambda a, b: (a + b) / 2, *halves)
 
 
 @pytest.mark.parametrize("name", rule_names())
 def test_a_per_sequence_rule_estimates_the_mean_of_its_sequences_estimates(name):
     """What lets training split one member's minibatch over devices (``train.minibatch_splits``):
-    the loss and ĝ of a batch are the means of those of its halves, in every form, on a rate model
-    and on a spiking one. ModProp's slope μ and the spiking firing-rate regularizer's f̄ are batch
-    statistics: there it fails, and neither is declared splittable."""
+    the loss and ĝ of a batch are the means of those of its halves, in every form on a rate model
+    (and for BPTT and e-prop on a spiking one). ModProp's slope μ and the spiking firing-rate
+    regularizer's f̄ are batch statistics: there it fails, and neither is declared splittable."""
     rule = get_rule(name)
     rate = M.ModelConfig(3, 5, 2, alpha=0.3, activation="tanh", dale_exc_fraction=0.6, cell_types=2)
     spiking = M.ModelConfig(3, 5, 2, form="alif", alpha=0.5, threshold=0.3, cell_types=2, adaptive_fraction=0.6)
-    cfgs = [rate, spiking] if rule.spiking else [rate]
-    assert all(minibatch_splits(cfg, rule) == rule.per_sequence for cfg in cfgs)
+    assert minibatch_splits(rate, rule) == rule.per_sequence
     if rule.stochastic:  # (each part would draw its own numbers)
         assert not rule.per_sequence
         return
-    for cfg, form in itertools.product(cfgs, rule.forms):
+    cases = [(rate, form) for form in rule.forms]
+    if name in ("bptt", "eprop"):
+        regularized = dataclasses.replace(spiking, rate_regularization=3.0, target_rate=0.05)
+        assert minibatch_splits(spiking, rule) and not minibatch_splits(regularized, rule)
+        cases += [(spiking, None), (regularized, None)]
+    for cfg, form in cases:
         whole, mean = _whole_and_mean_of_halves(rule, cfg, form)
-        if rule.per_sequence:
+        if minibatch_splits(cfg, rule):
             assert_close(whole, mean, rtol=1e-12)
         else:
             assert np.abs(flat(whole) - flat(mean)).max() > 1e-6 * np.abs(flat(whole)).max(), name
-    if rule.spiking and rule.per_sequence:
-        regularized = dataclasses.replace(spiking, rate_regularization=3.0, target_rate=0.05)
-        assert not minibatch_splits(regularized, rule)
-        whole, mean = _whole_and_mean_of_halves(rule, regularized, rule.forms[0])
-        assert np.abs(flat(whole) - flat(mean)).max() > 1e-6 * np.abs(flat(whole)).max(), name

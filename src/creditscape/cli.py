@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 from creditscape import presets, stopping
-from creditscape.devices import one_host_device_per_core
 from creditscape.errors import ConfigError, FolderInUse, ResultsFolderError, UnitsFailed
 
 
@@ -42,6 +41,8 @@ def _acknowledge_interrupts() -> None:
 def _cmd_run(args) -> int:
     if threading.current_thread() is threading.main_thread():
         _acknowledge_interrupts()
+    from creditscape.devices import one_host_device_per_core
+
     # Read by XLA when its backend starts, which has not happened yet.
     one_host_device_per_core()
     if args.deterministic:
