@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
     probe = CurvatureProbe(batch=to_device(jax.tree.map(lambda a: a[:16], s.train)), steps=6)
     sets = {"train": s.train, "test": s.test}
 
-    def train(devices, rule="mdgl", checkpoint=None, seeds=(5, 6, 7)):
+    def train(devices, rule="mdgl", checkpoint=None, seeds=(5, 6, 7), probe=probe):
         return train_ensemble(cfg, get_rule(rule), tcfg, seeds, s.train, sets, learning_rates=[0.01, 0.02, 0.01][:len(seeds)],
                               probe=probe, keep_trajectory=True, progress=False, devices=devices,
                               checkpoint=checkpoint)
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
     def same(a, b, exact=False):
         # wall times, and how many evaluations a run read back from a checkpoint
         a, b = (r._replace(eval_seconds=None, restored_evaluations=None) for r in (a, b))
-        if not exact:  # a converged Lanczos residual ‖Hv₁ − λ₁v₁‖ is rounding on the scale of λ
+        if not exact and "lambda_max" in b.evals:  # a converged Lanczos residual ‖Hv₁ − λ₁v₁‖ is rounding on λ's scale
             scale = np.nanmax(np.abs(b.evals["lambda_max"]))
             np.testing.assert_allclose(a.evals["lambda_residual"], b.evals["lambda_residual"], rtol=1e-5, atol=1e-5 * scale)
             a, b = (r._replace(evals={k: v for k, v in r.evals.items() if k != "lambda_residual"}) for r in (a, b))
@@ -79,10 +79,11 @@ SCRIPT = textwrap.dedent("""
         raise AssertionError("6 devices' layout accepted on 4")
     splits, chunk_of = [], training.make_chunk  # (the layout each training compiles its chunk for)
     training.make_chunk = lambda *args: (splits.append(args[3].batch_split), chunk_of(*args))[1]
-    alone = train(1, seeds=[5, 6])
-    split = train(4, seeds=[5, 6])  # members over 2 devices, each one's minibatch over 2
+    # (the training chunk is what differs: measured without the probe's Lanczos, cheaper to compile)
+    alone = train(1, seeds=[5, 6], probe=None)
+    split = train(4, seeds=[5, 6], probe=None)  # members over 2 devices, each one's minibatch over 2
     same(split, alone)
-    same(train(4, seeds=[5, 6]), split, exact=True)
+    same(train(4, seeds=[5, 6], probe=None), split, exact=True)
     assert splits == [1, 2, 2], splits
     try:
         train(5)

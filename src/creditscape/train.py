@@ -247,8 +247,10 @@ MIN_PART_WORK = 2**24
 def batch_parts(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, n_steps: int, devices_per_member: int) -> int:
     """Into how many equal parts each member's minibatch is split over devices: the most, up to
     ``devices_per_member``, that divide the minibatch and leave every part at least
-    :data:`MIN_PART_WORK`; 1 (no split) when :func:`minibatch_splits` is false."""
-    if not minibatch_splits(cfg, rule):
+    :data:`MIN_PART_WORK`; 1 (no split) when :func:`minibatch_splits` is false, and on
+    accelerators, where one member's small program is bound by latency, not arithmetic, and no
+    split has been measured."""
+    if not minibatch_splits(cfg, rule) or jax.default_backend() != "cpu":
         return 1
     per_sequence = n_steps * cfg.n_rec * (cfg.n_rec + cfg.n_in)
     return max(k for k in range(1, max(devices_per_member, 1) + 1)
