@@ -365,8 +365,8 @@ def _whole_and_mean_of_halves(rule, cfg, form):
 @pytest.mark.parametrize("name", rule_names())
 def test_a_per_sequence_rule_estimates_the_mean_of_its_sequences_estimates(name):
     """What lets training split one member's minibatch over devices (``train.minibatch_splits``):
-    the loss and ĝ of a batch are the means of those of its halves, in every form on a rate model
-    (and for BPTT and e-prop on a spiking one). ModProp's slope μ and the spiking firing-rate
+    the loss and ĝ of a batch are the means of those of its halves, on a rate model (and for BPTT
+    and e-prop on a spiking one). ModProp's slope μ and the spiking firing-rate
     regularizer's f̄ are batch statistics: there it fails, and neither is declared splittable."""
     rule = get_rule(name)
     rate = M.ModelConfig(3, 5, 2, alpha=0.3, activation="tanh", dale_exc_fraction=0.6, cell_types=2)
@@ -375,7 +375,7 @@ def test_a_per_sequence_rule_estimates_the_mean_of_its_sequences_estimates(name)
     if rule.stochastic:  # (each part would draw its own numbers)
         assert not rule.per_sequence
         return
-    cases = [(rate, form) for form in rule.forms]
+    cases = [(rate, None)]  # (its default form: the other is equal to it, test_online_equals_offline)
     if name in ("bptt", "eprop"):
         regularized = dataclasses.replace(spiking, rate_regularization=3.0, target_rate=0.05)
         assert minibatch_splits(spiking, rule) and not minibatch_splits(regularized, rule)
