@@ -2,9 +2,11 @@
 
     python benchmarks/bench.py [--quick] [--json OUT.json]
 
-1. creditscape's BPTT training step against a minimal hand-written compiled JAX loop (the ceiling)
-   and against a plain PyTorch eager loop over time (the usual way; needs ``torch``, the
-   ``bench`` extra — skipped with a note if it is not installed);
+1. creditscape's BPTT training step against a minimal hand-written compiled JAX loop (the ceiling,
+   both on one device) and, as ``creditscape run`` lays out one seed (on a CPU one host device per
+   core, the minibatch split over them where it pays), against a plain PyTorch eager loop over
+   time on as many threads (the usual way; needs ``torch``, the ``bench`` extra — skipped with a
+   note if it is not installed);
 2. every rule's step (offline and online forms) relative to creditscape's BPTT step;
 3. seed scaling (seed-steps per second at 1, 8, 32, 128 seeds);
 4. Hessian-vector product cost over gradient cost (and PyTorch's double backward);
@@ -190,8 +192,8 @@ def torch_eager(train, repeats: int, against=None, rounds: int = 1) -> dict | No
 
 def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1, matmul_precision="highest", devices=None):
     """A training chunk of ``seeds`` members on the first device, or with ``devices`` laid out as a
-    run lays them out over that many devices (:class:`MemberSharding`: a minibatch split over
-    devices beyond the members)."""
+    run lays them out over that many devices (each minibatch split over the devices beyond the
+    members where :func:`batch_parts` says it pays)."""
     cfg = model_config(n_rec, readout_steps)
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK, form=form,
                        matmul_precision=matmul_precision)
