@@ -33,11 +33,10 @@ import numpy as np
 
 from creditscape import model as M
 from creditscape.curvature import block_loss, hvp, lanczos
-from creditscape.devices import MemberSharding, one_host_device_per_core
+from creditscape.devices import one_host_device_per_core
 from creditscape.objective import Batch, Noise
 from creditscape.rules import get_rule
-from creditscape.train import (CurvatureProbe, TrainConfig, batch_parts, init_ensemble, make_chunk,
-                               make_evaluator)
+from creditscape.train import CurvatureProbe, TrainConfig, init_ensemble, make_chunk, make_evaluator, member_layout
 
 N, T, B, N_IN, N_OUT = 128, 28, 256, 28, 10
 CHUNK = 20
@@ -193,11 +192,11 @@ def torch_eager(train, repeats: int, against=None, rounds: int = 1) -> dict | No
 def creditscape_chunk(rule, form, train, seeds=1, n_rec=N, readout_steps=1, matmul_precision="highest", devices=None):
     """A training chunk of ``seeds`` members on the first device, or with ``devices`` laid out as a
     run lays them out over that many devices (each minibatch split over the devices beyond the
-    members where :func:`batch_parts` says it pays)."""
+    members where it pays: :func:`member_layout`)."""
     cfg = model_config(n_rec, readout_steps)
     tcfg = TrainConfig(optimizer="sgd", learning_rate=0.01, batch_size=B, steps=CHUNK, eval_every=CHUNK, form=form,
                        matmul_precision=matmul_precision)
-    layout = None if devices is None else MemberSharding(devices, seeds, batch_parts(cfg, rule, tcfg, T, devices // seeds))
+    layout = None if devices is None else member_layout(cfg, rule, tcfg, T, seeds, devices)
     chunk = make_chunk(cfg, rule, tcfg, layout)
     states, structs = init_ensemble(cfg, rule, tcfg, list(range(seeds)))
     if layout is not None:

@@ -257,6 +257,15 @@ def batch_parts(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, n_steps: int, d
                if tcfg.batch_size % k == 0 and (k == 1 or tcfg.batch_size // k * per_sequence >= MIN_PART_WORK))
 
 
+def member_layout(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, n_steps: int, members: int,
+                  devices: int | None = None) -> MemberSharding:
+    """How a run lays ``members`` out over ``devices`` local devices (default: all): spread over
+    them, the devices beyond the members splitting each member's minibatch where
+    :func:`batch_parts` says it pays."""
+    spare = (len(jax.local_devices()) if devices is None else devices) // members
+    return MemberSharding(devices, members, batch_parts(cfg, rule, tcfg, n_steps, spare))
+
+
 def _batch_part(tree, axis: str):
     """This device's equal share of the leading (batch) axis of every leaf, along mesh ``axis``."""
     parts, i = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
@@ -661,7 +670,7 @@ def train_ensemble(
             proportion.
         devices: spread the members over this many local devices (default: all of them, but no
             more than the members; devices at least twice the members may split each member's
-            minibatch instead, see :func:`batch_parts`); the results
+            minibatch instead, see :func:`member_layout`); the results
             agree with one device's to rounding, and are the same bits for the same device count.
     """
     if train_set.x.shape[-1] != cfg.n_in:
@@ -671,9 +680,7 @@ def train_ensemble(
         check_scored_steps(cfg, batch, name)
     seeds = list(seeds)
     n = len(seeds)
-    # Devices beyond the members split each member's minibatch when the rule allows it and it pays.
-    spare = (len(jax.local_devices()) if devices is None else devices) // n
-    layout = MemberSharding(devices, n, batch_parts(cfg, rule, tcfg, train_set.x.shape[1], spare))
+    layout = member_layout(cfg, rule, tcfg, train_set.x.shape[1], n, devices)
     train_set = layout.replicate(to_device(train_set))
     eval_sets = {k: layout.replicate(to_device(v)) for k, v in (eval_sets or {"train": train_set}).items()}
     history_sets = eval_sets
