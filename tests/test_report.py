@@ -121,6 +121,17 @@ def test_kendall_ranks_a_monotone_measure_perfectly_and_holds_its_level_under_th
     assert np.isnan(stats.kendall([1.0, 2.0, np.nan], [1.0, 2.0, 3.0]).tau)  # too few finite pairs
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_kendalls_bootstrap_statistic_is_scipys_on_every_resample(ties):
+    rng = np.random.default_rng(int(ties))
+    x, y = rng.normal(size=(2, 23))
+    if ties:  # ties within x, within y and in both; a resample where x is constant gives NaN
+        x, y = np.round(x), np.round(0.5 * y)
+    resamples = np.concatenate([rng.integers(0, 23, (200, 23)), np.zeros((1, 23), int)])
+    expected = [sps.kendalltau(x[r], y[r]).statistic for r in resamples]
+    np.testing.assert_allclose(stats._resampled_tau_b(x, y, resamples), expected, rtol=1e-14, atol=1e-15)
+
+
 def test_granulated_kendall_credits_a_measure_only_for_the_hyperparameter_it_tracks():
     """gap = f(η) + g(N) + noise over a 3 × 3 grid with 4 seeds (Jiang et al. 2020, eq. 4)."""
     rng = np.random.default_rng(1)

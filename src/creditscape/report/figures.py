@@ -31,10 +31,18 @@ def _legend(fig, ax) -> None:
 
 
 def _save(fig, folder: Path, name: str) -> str:
+    """Write the figure as PNG and SVG, cropped to what it draws. The layout and the cropping box
+    are computed once for both files (``bbox_inches="tight"`` would lay out and draw each file
+    twice: a third of a report's time)."""
     if fig.get_layout_engine() is None:
         fig.tight_layout()
+    fig.set_dpi(110)  # the box is measured at the PNG's resolution
+    if fig.get_layout_engine() is not None:
+        fig.draw_without_rendering()  # runs the figure's own (constrained) layout
+        fig.set_layout_engine(None)  # and keeps the positions it computed
+    box = fig.get_tightbbox().padded(plt.rcParams["savefig.pad_inches"])
     for ext in ("png", "svg"):
-        fig.savefig(folder / f"{name}.{ext}", dpi=110, bbox_inches="tight")
+        fig.savefig(folder / f"{name}.{ext}", dpi=110, bbox_inches=box)
     plt.close(fig)
     return f"figures/{name}.png"
 
