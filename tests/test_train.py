@@ -351,3 +351,26 @@ def test_a_minibatch_is_split_over_devices_only_where_the_parts_hold_enough_work
     spiking = M.ModelConfig(28, 128, 10, form="lif", rate_regularization=1.0)
     assert batch_parts(spiking, bptt, tcfg, 28, 2) == 1
     assert batch_parts(dataclasses.replace(spiking, rate_regularization=0.0), bptt, tcfg, 28, 2) == 2
+
+
+def test_the_evaluators_network_program_is_the_same_for_every_rule(cue):
+    # What lets the rules of a cell share one compilation of it (through the persistent cache):
+    # the rule enters only the second, smaller program.
+    from creditscape.objective import Batch
+    from creditscape.train import CurvatureProbe, make_evaluator
+
+    task, s = cue
+    cfg = M.ModelConfig(task.n_in, 6, task.n_out, alpha=0.5, dale_exc_fraction=0.5)
+    batch = to_device(Batch(*(a[:16] for a in s.train)))
+    tcfg = TrainConfig(optimizer="adam", learning_rate=1e-2, steps=10, eval_every=10)
+    programs = {}
+    for name in ("bptt", "eprop", "mdgl", "uoro"):
+        rule = get_rule(name)
+        states, structs = init_ensemble(cfg, rule, tcfg, [0, 1], batch.x.dtype)
+        evaluator = make_evaluator(cfg, rule, tcfg, CurvatureProbe(batch, steps=4))
+        v = jnp.ones((2, 36), batch.x.dtype)
+        programs[name] = {k: p.lower(states.params, structs, *args).as_text() for k, (p, args) in {
+            "network": (evaluator.programs["network"], ({"test": batch}, v, states.opt_state)),
+            "rule": (evaluator.programs["rule"], (states.rule_state, batch, v))}.items()}
+    assert len({p["network"] for p in programs.values()}) == 1
+    assert len({p["rule"] for p in programs.values()}) == 4

@@ -471,30 +471,28 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
     Adam also the preconditioned sharpness λ₁(P⁻¹H) of the probe's block (P from
     :func:`adam_preconditioner`; NaN before the first update), the quantity Adam's stability edge
     38/η bounds. (Arguments: params, structs, rule states, sets, alignment batch, v0, optimizer
-    states.)"""
-    form = rule.check_form(tcfg.form)
+    states.)
 
-    def one_seed(params, struct, rule_state, sets: dict[str, Batch], align_batch: Batch, v0, opt_state):
+    Two programs, ``evaluator.programs``: ``"network"`` measures the networks alone (the sets,
+    λ_max, the preconditioned sharpness) and is the same program for every rule, so that the rules
+    of a cell, and the cells of a sweep that share a model and data, compile it once and load it
+    from the persistent compilation cache after that (:mod:`creditscape.cli`); ``"rule"`` takes
+    v₁ from it for the rule's own numbers (alignment, ρ)."""
+    form = rule.check_form(tcfg.form)
+    # A stochastic rule: over EVAL_DRAWS draws of fixed keys (the same at every point).
+    draws = dict(key=jax.random.PRNGKey(0), draws=EVAL_DRAWS) if rule.stochastic else {}
+
+    def network(params, struct, sets: dict[str, Batch], v0, opt_state):
         out = _set_metrics(cfg, params, struct, sets)
-        # A stochastic rule: over EVAL_DRAWS draws of fixed keys (the same at every point).
-        draws = dict(key=jax.random.PRNGKey(0), draws=EVAL_DRAWS) if rule.stochastic else {}
-        al = gradient_alignment(rule, cfg, params, struct, rule_state, align_batch, form=form, **draws)
-        out["alignment"] = al.cosine
-        out["alignment_recurrent"] = al.cosine_recurrent
-        if rule.stochastic:
-            out["relative_variance"] = al.relative_variance
         if probe is not None:
             f, x0 = block_loss(cfg, params, struct, probe.batch, probe.block, probe.l2)
             steps = min(probe.steps, x0.shape[0])
             eig = lanczos(lambda v: hvp(f, x0, v), v0, steps, min(2, steps), tol=probe.tol)
-            g, _ = estimate_on_block(rule, cfg, params, struct, rule_state, probe.batch, probe.block, probe.l2,
-                                     form=form, **draws)
             v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
             out["lambda_max"] = eig.values[0]
             # How far the pair is from converged, and whether v₁ (hence ρ) is well defined.
             out["lambda_residual"] = jnp.linalg.norm(hvp(f, x0, v1) - eig.values[0] * v1)
             out["lambda_gap"] = eig.values[0] - eig.values[-1] if steps > 1 else jnp.full((), jnp.nan, x0.dtype)
-            out["rho"] = jnp.vdot(v1, jacobian_vector_product(g, x0, v1)) / eig.values[0]
             out["lanczos_steps"] = eig.steps
             out["v1"] = v1
             if tcfg.optimizer == "adam":
@@ -506,10 +504,24 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
                 out["preconditioned_krylov_dim"] = jnp.sum(jnp.linalg.norm(basis, axis=1) > 0)
         return out
 
-    compiled = jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, None, None, 0, 0)))
+    def rule_measures(params, struct, rule_state, align_batch: Batch, v1):
+        al = gradient_alignment(rule, cfg, params, struct, rule_state, align_batch, form=form, **draws)
+        out = {"alignment": al.cosine, "alignment_recurrent": al.cosine_recurrent}
+        if rule.stochastic:
+            out["relative_variance"] = al.relative_variance
+        if probe is not None:
+            g, x0 = estimate_on_block(rule, cfg, params, struct, rule_state, probe.batch, probe.block, probe.l2,
+                                      form=form, **draws)
+            out["v1_J_v1"] = jnp.vdot(v1, jacobian_vector_product(g, x0, v1))
+        return out
 
-    def evaluator(*args) -> dict:
-        out = jax.device_get(evaluator.program(*args))
+    def evaluator(params, structs, rule_states, sets, align_batch, v0, opt_states) -> dict:
+        net = evaluator.programs["network"](params, structs, sets, v0, opt_states)
+        # v₁ laid out over the devices as v0 is (what the rule program was compiled for)
+        v1 = jax.device_put(net["v1"], getattr(v0, "sharding", None)) if probe is not None else v0
+        out = jax.device_get({**net, **evaluator.programs["rule"](params, structs, rule_states, align_batch, v1)})
+        if probe is not None:
+            out["rho"] = out.pop("v1_J_v1") / out["lambda_max"]
         if "preconditioned_tridiagonal" in out:
             # Its eigenvalues on the host: a second eigensolver call in the compiled program (beside
             # λ_max's) deadlocked XLA's CPU runtime on two cores (all threads idle, waiting).
@@ -517,7 +529,9 @@ def make_evaluator(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, probe: Curva
             out["preconditioned_sharpness"] = np.array([top_ritz_value(t, d) for t, d in zip(tri, dim)])
         return out
 
-    evaluator.program = compiled  # :func:`train_ensemble` swaps in its compiled form after a size check
+    # :func:`train_ensemble` swaps in their compiled forms after a size check
+    evaluator.programs = {"network": jax.jit(jax.vmap(network, in_axes=(0, 0, None, 0, 0))),
+                          "rule": jax.jit(jax.vmap(rule_measures, in_axes=(0, 0, 0, None, 0)))}
     return evaluator
 
 
@@ -731,10 +745,11 @@ def train_ensemble(
         # Both programs compiled here, once, so that their sizes are checked before any work.
         bar.set_postfix_str("compiling…")
         what = f"{n} members with {rule.name}"
-        evaluator.program = evaluator.program.lower(states.params, structs, states.rule_state, history_sets, align_batch, v,
-                                                    states.opt_state).compile()
         sharing = layout.count if jax.devices()[0].platform == "cpu" else 1  # host devices share the RAM
-        check_memory(evaluator.program, f"Evaluating {what}", sharing=sharing)
+        for name, args in (("network", (states.params, structs, history_sets, v, states.opt_state)),
+                           ("rule", (states.params, structs, states.rule_state, align_batch, v))):
+            evaluator.programs[name] = evaluator.programs[name].lower(*args).compile()
+            check_memory(evaluator.programs[name], f"Evaluating {what}", sharing=sharing)
         chunk = chunk.lower(states, structs, train_set, 0, tcfg.eval_every).compile()
         check_memory(chunk, f"Training {what}", sharing=sharing)
         if not resumed:
