@@ -742,7 +742,8 @@ def train_ensemble(
             states, v, losses, evals, trajectory = pad_members((states, v, losses, evals, trajectory), members)
             states, v = layout.shard((states, v))
         restored = len(evals) if resumed else 0
-        # Both programs compiled here, once, so that their sizes are checked before any work.
+        # The evaluator's two programs and the chunk compiled here, once, so that their sizes are checked
+        # before any work.
         bar.set_postfix_str("compiling…")
         what = f"{n} members with {rule.name}"
         sharing = layout.count if jax.devices()[0].platform == "cpu" else 1  # host devices share the RAM
