@@ -15,6 +15,9 @@ Stages, in order of what matters most:
 - ``preset``: the `paper-smnist` preset end to end (2 rules × 5 seeds, 10,000 / 16,000
   iterations, 40 curvature points, the final passes over 75,000 images, the report), wall clock,
   and each finished unit's training, evaluation and final-measurement seconds;
+- ``compile``: benchmarks/compile_times.py on `paper-smnist`'s BPTT unit, shortened to 20
+  iterations: each program's XLA compile seconds with GEMM autotuning on and off
+  (``--xla_gpu_autotune_level=0``), and the unit's final-measurement seconds both ways;
 - ``precision``: benchmarks/matmul_precision.py — every rule's float32 gradient under each
   precision against float64;
 - ``tests``: the float64 rule, curvature and spiking tests (``make test``'s part) on this device;
@@ -41,9 +44,10 @@ sys.path.insert(0, str(HERE))
 import jax  # noqa: E402
 
 import bench  # noqa: E402  (benchmarks/bench.py: the shapes, timers and the baselines)
+from compile_times import unit_times  # noqa: E402
 from creditscape.rules import get_rule  # noqa: E402
 
-STAGES = ("scaling", "hvp", "preset", "precision", "tests", "rules")
+STAGES = ("scaling", "hvp", "preset", "compile", "precision", "tests", "rules")
 # One BPTT training step of one seed at the sequential-MNIST shape: the forward pass is
 # 2·(N² + N·n_in) per step and sequence, the backward pass twice that.
 FLOP_PER_SEED_STEP = 3 * 2 * (bench.N ** 2 + bench.N * bench.N_IN) * bench.T * bench.B
@@ -119,20 +123,24 @@ def preset(name: str, mnist_dir: str | None, out_dir: Path, timeout: float) -> d
     return out
 
 
-def unit_times(run_dir: Path) -> dict:
-    """Where each finished unit's time went: training (compiling its chunk included), the
-    evaluations along training, and the final measurements (the rest of measuring)."""
-    from creditscape._files import load_arrays
-
+def compile_times(mnist_dir: str | None, timeout: float) -> dict:
+    """benchmarks/compile_times.py on `paper-smnist`'s BPTT unit (20 iterations, the full run's
+    programs) with XLA's GEMM autotuning on (the default) and off: how much of compiling is
+    autotuning, program by program, and what turning it off costs the final measurements' run."""
     out = {}
-    for path in sorted((run_dir / "runs").glob("*.npz")):
-        if path.name.endswith(".ckpt.npz"):
-            continue
-        run = load_arrays(path)
-        evals = float(run["eval_seconds"].sum())
-        out[path.stem] = {"train_seconds": float(run["train_seconds"]), "evaluation_seconds": evals,
-                          "final_measurement_seconds": float(run["measure_seconds"]) - evals,
-                          "evaluations": int(run["eval_seconds"].shape[0])}
+    for label, flag in (("autotuned", ""), ("autotune_off", "--xla_gpu_autotune_level=0")):
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(HERE / "compile_times.py"), "--preset", "paper-smnist", "--rules", "bptt",
+                   "--json", f"{tmp}/times.json", *(["--mnist-dir", mnist_dir] if mnist_dir else [])]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout / 2)
+            except subprocess.TimeoutExpired:
+                out[label] = "stopped at the stage's time limit"
+                continue
+            print(done.stdout[-1500:], done.stderr[-2000:] if done.returncode else "", flush=True)
+            out[label] = json.loads(Path(f"{tmp}/times.json").read_text()) if done.returncode == 0 else {
+                "returncode": done.returncode, "stderr": done.stderr[-3000:]}
     return out
 
 
@@ -194,8 +202,8 @@ def main() -> int:
     stages = args.stages.split(",")
     if unknown := set(stages) - set(STAGES):
         parser.error(f"unknown stages {sorted(unknown)}; the stages are {', '.join(STAGES)}")
-    if "preset" in stages and args.preset == "paper-smnist" and not args.mnist_dir:
-        parser.error("--mnist-dir is needed for the paper-smnist timing (or leave out the preset stage)")
+    if ("preset" in stages and args.preset == "paper-smnist" or "compile" in stages) and not args.mnist_dir:
+        parser.error("--mnist-dir is needed for the paper-smnist timings (or leave out the preset and compile stages)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.perf_counter() + args.budget
@@ -207,6 +215,7 @@ def main() -> int:
     work = {"scaling": lambda: scaling(train, args.seeds), "hvp": lambda: hvp_over_gradient(train),
             # the stages after the preset keep about a third of what is left
             "preset": lambda: preset(args.preset, args.mnist_dir, out_dir, left() * 0.65),
+            "compile": lambda: compile_times(args.mnist_dir, left() * 0.65),
             "precision": lambda: precision_accuracy(min(left(), 150)), "tests": lambda: tests_on_device(out_dir, left(30)),
             "rules": lambda: rule_steps(train)}
     for stage in stages:

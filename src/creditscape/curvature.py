@@ -263,13 +263,14 @@ def hutch_plus_plus(matvec: Callable, dim: int, n: int, key: jax.Array, dtype=jn
     SOSA 2021. https://arxiv.org/abs/2010.09649
     """
     m = max(n // 3, 2)
-    k1, k2 = jax.random.split(key)
     mv = jax.vmap(matvec, in_axes=1, out_axes=1)
-    q, _ = jnp.linalg.qr(mv(rademacher(k1, (dim, m), dtype)))
-    top = jnp.trace(q.T @ mv(q))
-    g = rademacher(k2, (dim, m), dtype)
+    sketch, g = rademacher(key, (2, dim, m), dtype)
+    q, _ = jnp.linalg.qr(mv(sketch))
     g = g - q @ (q.T @ g)
-    ag = mv(g)
+    # the projection's and the probes' products in one batch: one copy of the mat-vec in the program, not two
+    products = mv(jnp.concatenate([q, g], axis=1))
+    aq, ag = products[:, : q.shape[1]], products[:, q.shape[1]:]
+    top = jnp.trace(q.T @ aq)
     samples = jnp.sum(g * (ag - q @ (q.T @ ag)), axis=0)
     return TraceEstimate(top + samples.mean(), samples.std(ddof=1) / jnp.sqrt(m))
 

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, exact_loss
@@ -18,6 +19,14 @@ from creditscape.objective import Batch, exact_loss
 def _mask_tree(params: Params, struct: Structure) -> Params:
     ones = jax.tree.map(jnp.ones_like, params)
     return ones._replace(w_rec=struct.rec_mask.astype(params.w_rec.dtype))
+
+
+def _standard_normal_like(params: Params, key: jax.Array) -> Params:
+    """Independent N(0, 1) entries shaped like ``params``, drawn as one vector: each separate draw
+    is its own copy of the random-bit generator in a compiled program, and on a CPU each copy
+    takes a quarter of a second or more to compile."""
+    flat, unravel = ravel_pytree(params)
+    return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
 def _add(params, direction, scale):
@@ -49,10 +58,7 @@ def random_sharpness(
     base = exact_loss(cfg, params, struct, batch)
 
     def one(k):
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(k, len(leaves))
-        z = jax.tree.unflatten(treedef, [jax.random.normal(kk, p.shape, p.dtype) for kk, p in zip(keys, leaves)])
-        delta = jax.tree.map(lambda zz, s, m: zz * s * m, z, rms, mask)
+        delta = jax.tree.map(lambda zz, s, m: zz * s * m, _standard_normal_like(params, k), rms, mask)
         plus = exact_loss(cfg, _add(params, delta, scale), struct, batch)
         minus = exact_loss(cfg, _add(params, delta, -scale), struct, batch)
         return 0.5 * (plus + minus) - base
@@ -103,18 +109,14 @@ def filter_normalized_direction(params: Params, struct: Structure, key: jax.Arra
     References: Li, Xu, Taylor, Studer & Goldstein, "Visualizing the loss landscape of neural
     nets", NeurIPS 2018.
     """
-    mask = _mask_tree(params, struct)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for k, p, m in zip(keys, leaves, jax.tree.leaves(mask)):
+    def scaled(p, z, m):
         if p.ndim < 2:
-            out.append(jnp.zeros_like(p))
-            continue
-        d = jax.random.normal(k, p.shape, p.dtype) * m
+            return jnp.zeros_like(p)
+        d = z * m
         row = lambda a: jnp.linalg.norm(a, axis=1, keepdims=True)
-        out.append(d * row(p) / jnp.maximum(row(d), 1e-30))
-    return jax.tree.unflatten(treedef, out)
+        return d * row(p) / jnp.maximum(row(d), 1e-30)
+
+    return jax.tree.map(scaled, params, _standard_normal_like(params, key), _mask_tree(params, struct))
 
 
 def loss_slice(cfg, params, struct, batch, directions: tuple[Params, ...], coords: jax.Array) -> jax.Array:
