@@ -29,6 +29,7 @@ from pathlib import Path
 
 import jax
 
+from creditscape import presets
 from creditscape._files import load_arrays
 from creditscape.config import PRESET_DIR, resolve
 from creditscape.experiment import run_experiment
@@ -50,7 +51,10 @@ class _CompileLog(logging.Handler):
 
 def shortened(preset: str, rules: list[str] | None, steps: int) -> dict:
     """The preset's configuration with its first grid/sweep cell, ``rules`` only, ``steps`` iterations."""
-    raw = tomllib.loads((PRESET_DIR / f"{preset}.toml").read_text())
+    path = PRESET_DIR / f"{preset}.toml"
+    if not path.is_file():
+        raise SystemExit(f"no preset {preset!r}; the presets are {', '.join(presets.names())}")
+    raw = tomllib.loads(path.read_text())
     for table in ("grid", "sweep"):
         raw.pop(table, None)
     chosen = []
