@@ -123,7 +123,7 @@ def preset(name: str, mnist_dir: str | None, out_dir: Path, timeout: float) -> d
     return out
 
 
-def compile_times(mnist_dir: str | None, timeout: float) -> dict:
+def compile_times(mnist_dir: str, timeout: float) -> dict:
     """benchmarks/compile_times.py on `paper-smnist`'s BPTT unit (20 iterations, the full run's
     programs) with XLA's GEMM autotuning on (the default) and off: how much of compiling is
     autotuning, program by program, and what turning it off costs the final measurements' run."""
@@ -132,7 +132,7 @@ def compile_times(mnist_dir: str | None, timeout: float) -> dict:
         env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, str(HERE / "compile_times.py"), "--preset", "paper-smnist", "--rules", "bptt",
-                   "--json", f"{tmp}/times.json", *(["--mnist-dir", mnist_dir] if mnist_dir else [])]
+                   "--mnist-dir", mnist_dir, "--json", f"{tmp}/times.json"]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout / 2)
             except subprocess.TimeoutExpired:
