@@ -32,6 +32,7 @@ import jax
 from creditscape import presets
 from creditscape._files import load_arrays
 from creditscape.config import PRESET_DIR, resolve
+from creditscape.errors import ConfigError
 from creditscape.experiment import run_experiment
 
 _COMPILED = re.compile(r"Finished XLA compilation of (.*) in ([0-9.]+) sec")
@@ -103,7 +104,10 @@ def main() -> int:
         logger.setLevel(logging.DEBUG)
         logger.addHandler(log)
         logger.propagate = False  # (JAX's other debug messages stay silent)
-    exp = resolve(shortened(args.preset, args.rules, args.steps), mnist_dir=args.mnist_dir)
+    try:
+        exp = resolve(shortened(args.preset, args.rules, args.steps), mnist_dir=args.mnist_dir)
+    except ConfigError as err:  # e.g. no MNIST files: the message says where they were looked for
+        raise SystemExit(str(err)) from None
     with tempfile.TemporaryDirectory() as tmp:
         # an empty persistent cache: every program is compiled, none loaded from an earlier run
         jax.config.update("jax_compilation_cache_dir", str(Path(tmp) / "jax-cache"))
