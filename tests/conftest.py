@@ -13,13 +13,18 @@ jax.config.update("jax_enable_x64", True)
 _CACHE = Path(tempfile.gettempdir()) / f"creditscape-test-jax-cache-{os.getuid()}"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# XLA's backend optimizations make compiling slower than running these small programs; they do
-# not change what a program computes (the references' tolerances and the bit-identity checks,
-# both sides compiled alike, hold either way).
+# XLA's backend optimizations and its MLIR fusion emitters make compiling slower than running
+# these small programs: with the legacy emitters the suite takes 9 min 15 s instead of 14 min 04 s
+# from an empty cache (docs/performance.md). Neither setting changes what a program computes beyond
+# float rounding: the references' tolerances hold either way. Bit-identity checks compare processes
+# set up alike: with the legacy emitters a float32 program traced with x64 on (this process) and
+# off (a `creditscape` command, a Ray worker) can differ in the last bit, so a test that compares
+# its own run with theirs makes it inside `jax.enable_x64(False)`.
 # One host device, set explicitly so that `creditscape` processes the tests start (which would
 # otherwise take one per core) compute exactly what the in-process runs they are compared with do.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=1").strip()
+                           + " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+                           " --xla_force_host_platform_device_count=1").strip()
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))

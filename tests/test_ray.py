@@ -8,6 +8,7 @@ import threading
 import time
 import tomllib
 
+import jax
 import numpy as np
 import pandas as pd
 import psutil
@@ -32,7 +33,8 @@ TIMINGS = {"train_seconds", "measure_seconds", "eval_seconds"}
 def local_results(tmp_path_factory):
     """The tiny grid run here, one unit after another: what a Ray run must reproduce."""
     out = tmp_path_factory.mktemp("local")
-    run_experiment(resolve(tomllib.loads(TINY_GRID)), out, progress=False, log=lambda line: None)
+    with jax.enable_x64(False):  # as Ray's workers run (the suite's x64 traces other programs)
+        run_experiment(resolve(tomllib.loads(TINY_GRID)), out, progress=False, log=lambda line: None)
     return out
 
 
