@@ -1,6 +1,7 @@
 """Small model configurations shared by the rule and curvature tests (cases as data), and the
 small experiment the fault tests run."""
 
+import contextlib
 import itertools
 import re
 
@@ -64,6 +65,17 @@ def light_or_heavy(values, light):
     """pytest parameters over ``values``, those not in ``light`` marked heavy (``pytest -m heavy``)."""
     return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=() if v in light else pytest.mark.heavy)
             for v in values]
+
+
+@contextlib.contextmanager
+def x64_off():
+    """Trace as a `creditscape` command or a Ray worker does, with x64 off (the suite turns it on):
+    for a run compared bit for bit with theirs (tests/conftest.py says why it matters)."""
+    jax.config.update("jax_enable_x64", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", True)
 
 
 def flat(tree):

@@ -19,7 +19,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # float rounding: the references' tolerances hold either way. Bit-identity checks compare processes
 # set up alike: with the legacy emitters a float32 program traced with x64 on (this process) and
 # off (a `creditscape` command, a Ray worker) can differ in the last bit, so a test that compares
-# its own run with theirs makes it inside `jax.enable_x64(False)`.
+# its own run with theirs makes it inside `cases.x64_off()`. (The flag is known to jaxlib 0.7-0.10.2;
+# XLA stops at once on a flag it does not know.)
 # One host device, set explicitly so that `creditscape` processes the tests start (which would
 # otherwise take one per core) compute exactly what the in-process runs they are compared with do.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")

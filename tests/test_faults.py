@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pandas as pd
 
-from cases import SLOW_EXPERIMENT
+from cases import SLOW_EXPERIMENT, x64_off
 from creditscape.cli import main
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -70,7 +69,7 @@ def test_killed_run_resumes_bit_identically_and_damaged_files_are_named(tmp_path
     assert 0 < done_at_kill < 20  # really mid-run
 
     (killed / "runs" / "c00-r01-bptt.ckpt.npz.123.tmp").write_bytes(b"half a file")  # as if killed mid-write
-    with jax.enable_x64(False):  # as the command runs (the suite's x64 traces other programs)
+    with x64_off():
         assert main(["run", "--config", str(cfg), "--out", str(killed), "--quiet"]) == 0
         assert not ckpt.exists() and not list(killed.rglob("*.tmp"))
         assert main(["run", "--config", str(cfg), "--out", str(clean), "--quiet"]) == 0

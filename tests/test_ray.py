@@ -8,14 +8,13 @@ import threading
 import time
 import tomllib
 
-import jax
 import numpy as np
 import pandas as pd
 import psutil
 import pytest
 from ray.cluster_utils import Cluster
 
-from cases import SLOW_EXPERIMENT
+from cases import SLOW_EXPERIMENT, x64_off
 from creditscape.config import RuleSpec, resolve
 from creditscape.distributed import RayCluster
 from creditscape.errors import UnitsFailed
@@ -33,7 +32,7 @@ TIMINGS = {"train_seconds", "measure_seconds", "eval_seconds"}
 def local_results(tmp_path_factory):
     """The tiny grid run here, one unit after another: what a Ray run must reproduce."""
     out = tmp_path_factory.mktemp("local")
-    with jax.enable_x64(False):  # as Ray's workers run (the suite's x64 traces other programs)
+    with x64_off():
         run_experiment(resolve(tomllib.loads(TINY_GRID)), out, progress=False, log=lambda line: None)
     return out
 
