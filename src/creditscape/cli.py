@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
+        # The watcher thread prints its acknowledgement, then sets `requested`: waiting for it keeps
+        # the two lines whole and in order when Python acted on the signal at once (they were
+        # seen interleaved on one line).
+        stopping.requested.wait(1.0)
         print("\ncreditscape: interrupted. Finished runs and the last checkpoint are saved; rerun the same command "
               "to resume.", file=sys.stderr)
         return 130
@@ -247,7 +251,6 @@ def entry() -> None:
     the interrupted computation; every results file is already complete on disk (atomic writes)."""
     status = main()
     if status == 130:
-        stopping.requested.wait(1.0)  # the watcher's line comes first, even when Python acted at once
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
