@@ -18,6 +18,9 @@ DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
 LOCAL_RAY = "local"  # `--ray` without an address
 
 
+_ACKNOWLEDGER: threading.Thread | None = None  # the watcher thread, where `run` started one
+
+
 def _acknowledge_interrupts() -> None:
     """Say at once that Ctrl-C was received, and request the stop (:mod:`creditscape.stopping`).
     Python acts on the signal only between compiled calls; the signal's byte on a wakeup pipe
@@ -35,7 +38,9 @@ def _acknowledge_interrupts() -> None:
                       "are kept)…", file=sys.stderr, flush=True)
                 stopping.requested.set()
 
-    threading.Thread(target=watch, daemon=True, name="interrupt-acknowledger").start()
+    global _ACKNOWLEDGER
+    _ACKNOWLEDGER = threading.Thread(target=watch, daemon=True, name="interrupt-acknowledger")
+    _ACKNOWLEDGER.start()
 
 
 def _cmd_run(args) -> int:
@@ -239,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         # The watcher thread prints its acknowledgement, then sets `requested`: waiting for it keeps
         # the two lines whole and in order when Python acted on the signal at once (they were
         # seen interleaved on one line).
-        stopping.requested.wait(1.0)
+        if _ACKNOWLEDGER is not None:
+            stopping.requested.wait(1.0)
         print("\ncreditscape: interrupted. Finished runs and the last checkpoint are saved; rerun the same command "
               "to resume.", file=sys.stderr)
         return 130
