@@ -296,6 +296,17 @@ def test_every_preset_resolves(name, isolated_home, tmp_path):
         assert len(exp.cells[0].learning_rates) == 3 and {c.train.schedule for c in exp.cells} == {"constant", "boost"}
 
 
+def test_an_interrupted_curvature_command_says_to_rerun_it(tmp_path, capsys, monkeypatch):
+    # (test_faults interrupts `run` with a real SIGINT; `curvature` has nothing to resume.)
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("creditscape.experiment.measure_saved", interrupted)
+    assert main(["curvature", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; rerun the same command to complete it" in err and "checkpoint" not in err
+
+
 def test_listing_commands(capsys):
     assert main(["rules"]) == 0
     out = capsys.readouterr().out

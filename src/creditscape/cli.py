@@ -246,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         # seen interleaved on one line).
         if _ACKNOWLEDGER is not None:
             stopping.requested.wait(1.0)
-        print("\ncreditscape: interrupted. Finished runs and the last checkpoint are saved; rerun the same command "
-              "to resume.", file=sys.stderr)
+        if args.func is _cmd_run:
+            print("\ncreditscape: interrupted. Finished runs and the last checkpoint are saved; rerun the same command "
+                  "to resume.", file=sys.stderr)
+        else:  # `curvature` writes its table at the end, `report` its files one by one
+            print("\ncreditscape: interrupted; rerun the same command to complete it.", file=sys.stderr)
         return 130
 
 
