@@ -18,9 +18,6 @@ DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
 LOCAL_RAY = "local"  # `--ray` without an address
 
 
-_ACKNOWLEDGER: threading.Thread | None = None  # the watcher thread, where `run` started one
-
-
 def _acknowledge_interrupts() -> None:
     """Say at once that Ctrl-C was received, and request the stop (:mod:`creditscape.stopping`).
     Python acts on the signal only between compiled calls; the signal's byte on a wakeup pipe
@@ -38,9 +35,7 @@ def _acknowledge_interrupts() -> None:
                       "are kept)…", file=sys.stderr, flush=True)
                 stopping.requested.set()
 
-    global _ACKNOWLEDGER
-    _ACKNOWLEDGER = threading.Thread(target=watch, daemon=True, name="interrupt-acknowledger")
-    _ACKNOWLEDGER.start()
+    threading.Thread(target=watch, daemon=True, name="interrupt-acknowledger").start()
 
 
 def _cmd_run(args) -> int:
@@ -241,12 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        # The watcher thread prints its acknowledgement, then sets `requested`: waiting for it keeps
-        # the two lines whole and in order when Python acted on the signal at once (they were
-        # seen interleaved on one line).
-        if _ACKNOWLEDGER is not None:
-            stopping.requested.wait(1.0)
         if args.func is _cmd_run:
+            # `run`'s watcher thread prints its acknowledgement, then sets `requested`: waiting for it
+            # keeps the two lines whole and in order when Python acted on the signal at once (they
+            # were seen interleaved on one line).
+            stopping.requested.wait(1.0)
             print("\ncreditscape: interrupted. Finished runs and the last checkpoint are saved; rerun the same command "
                   "to resume.", file=sys.stderr)
         else:  # `curvature` writes its table at the end, `report` its files one by one
