@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from creditscape import prng
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, exact_loss, l2_penalty
 
@@ -241,7 +242,7 @@ class TraceEstimate(NamedTuple):
 def rademacher(key: jax.Array, shape, dtype) -> jax.Array:
     """±1 with equal probability. Drawn through int32 so that the draws do not depend on whether
     JAX's 64-bit mode is on (``jax.random.rademacher`` goes through a default-precision float)."""
-    return (2 * jax.random.randint(key, shape, 0, 2, dtype=jnp.int32) - 1).astype(dtype)
+    return (2 * prng.randint(key, shape, 0, 2, dtype=jnp.int32) - 1).astype(dtype)
 
 
 def hutchinson(matvec: Callable, dim: int, n: int, key: jax.Array, dtype=jnp.float64) -> TraceEstimate:
@@ -296,7 +297,7 @@ def spectral_density(matvec: Callable, dim: int, steps: int, n_vectors: int, key
     """
 
     def one(k):
-        tri, _ = lanczos_tridiagonal(matvec, jax.random.normal(k, (dim,), dtype), steps)
+        tri, _ = lanczos_tridiagonal(matvec, prng.normal(k, (dim,), dtype), steps)
         theta, vecs = jnp.linalg.eigh(tri)
         return theta, vecs[0] ** 2
 
@@ -318,7 +319,7 @@ def top_eigenvalues(
 ) -> Eigen:
     """Top-k signed Hessian eigenpairs of the exact loss on ``block`` (Lanczos, ``steps`` HVPs)."""
     f, x0 = block_loss(cfg, params, struct, batch, block, l2)
-    v0 = jax.random.normal(key, x0.shape, x0.dtype)
+    v0 = prng.normal(key, x0.shape, x0.dtype)
     return lanczos(lambda v: hvp(f, x0, v), v0, min(steps, x0.shape[0]), k)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from creditscape import prng
 from creditscape import __version__
 from creditscape._files import atomic_write_bytes, exclusive, load_arrays, save_arrays
 from creditscape.config import Cell, Experiment, MeasureConfig, RuleSpec, resolve, resolved_dict
@@ -139,7 +140,7 @@ def make_final_measurements(exp: Experiment, cell: Cell, batch: Batch):
         f, x0 = block_loss(cell.model, params, struct, batch, m.curvature_block, l2)
         tr = hutch_plus_plus(lambda v: hvp(f, x0, v), x0.shape[0], m.trace_probes, k_trace, x0.dtype)
         f_all, x_all = block_loss(cell.model, params, struct, batch, "all", l2)
-        top = lanczos(lambda v: hvp(f_all, x_all, v), jax.random.normal(k_trace, x_all.shape, x_all.dtype),
+        top = lanczos(lambda v: hvp(f_all, x_all, v), prng.normal(k_trace, x_all.shape, x_all.dtype),
                       min(m.lanczos_steps, x_all.shape[0]))
         v1 = top.vectors[0] / jnp.linalg.norm(top.vectors[0])
         sharp = random_sharpness(cell.model, params, struct, batch, m.sharpness_scale, key=k_sharp)
@@ -184,7 +185,7 @@ def update_map_eigenvalues(exp: Experiment, cell: Cell, spec: RuleSpec, batch: B
         draws = dict(key=jax.random.fold_in(jax.random.PRNGKey(seed), 12), draws=EVAL_DRAWS) if spec.rule.stochastic else {}
         g, x0 = estimate_on_block(spec.rule, cell.model, params, struct, rule_state, batch, m.curvature_block, l2,
                                   form=spec.form, **draws)
-        start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 11), x0.shape, x0.dtype)
+        start = prng.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 11), x0.shape, x0.dtype)
         return arnoldi(lambda v: jacobian_vector_product(g, x0, v), start, min(m.arnoldi_steps, x0.shape[0]))
 
     hess = np.asarray(hessenberg(result.params, result.structs, result.rule_states, jnp.asarray(seeds)))
@@ -578,7 +579,7 @@ def measure_saved(run_dir: str | Path, *, block: str = "w_rec", steps: int = 30,
 
             k1, k2 = jax.random.split(key)
             n = min(steps, x0.shape[0])
-            eig = lanczos(matvec, jax.random.normal(k1, x0.shape, x0.dtype), n, min(top, n))
+            eig = lanczos(matvec, prng.normal(k1, x0.shape, x0.dtype), n, min(top, n))
             v1 = eig.vectors[0] / jnp.linalg.norm(eig.vectors[0])
             residual = jnp.linalg.norm(matvec(v1) - eig.values[0] * v1)
             tr = hutch_plus_plus(matvec, x0.shape[0], trace_probes, k2, x0.dtype)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from creditscape import model as _model
+from creditscape import prng
 from creditscape.curvature import block_loss, existing_weights, hutch_plus_plus, hvp
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, exact_loss, loss_from_outputs
@@ -40,7 +41,7 @@ def pac_bayes_flatness(f: Callable[[jax.Array], jax.Array], theta: jax.Array, ke
     every σ, so that the estimate is a smooth function of σ), and σ found by ``iterations`` steps
     of bisection on log σ in [sigma_max·1e-9, sigma_max]. A larger σ means a flatter minimum: the
     PAC-Bayes bound on the generalization gap shrinks as 1/σ² (Jiang et al. 2020, §C)."""
-    xi = jax.random.normal(key, (draws, theta.shape[0]), theta.dtype)
+    xi = prng.normal(key, (draws, theta.shape[0]), theta.dtype)
     scale = jnp.abs(theta) if magnitude_aware else jnp.ones_like(theta)
     base = f(theta)
 

@@ -65,6 +65,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from creditscape import prng
+
 FORMS = ("voltage", "rate", "lif", "alif")
 SPIKING = ("lif", "alif")
 RESETS = ("soft", "hard")
@@ -262,7 +264,7 @@ def init_structure(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Struc
     n = cfg.n_rec
     mask = jnp.ones((n, n), dtype)
     if cfg.connectivity < 1.0:
-        mask = (jax.random.uniform(key, (n, n), dtype) < cfg.connectivity).astype(dtype)  # dtype fixed: same draws in 64-bit mode
+        mask = (prng.uniform(key, (n, n), dtype) < cfg.connectivity).astype(dtype)  # dtype fixed: same draws in 64-bit mode
     if not cfg.self_connections:
         mask = mask * (1 - jnp.eye(n, dtype=dtype))
     idx = jnp.arange(n)
@@ -273,7 +275,7 @@ def init_structure(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Struc
         cell_type = (idx * cfg.cell_types // n).astype(jnp.int32)
     leaks = None
     if cfg.leak_spread:  # (a key of its own: the mask draws stay those of a homogeneous network)
-        z = jax.random.normal(jax.random.fold_in(key, 1), (n,), dtype)
+        z = prng.normal(jax.random.fold_in(key, 1), (n,), dtype)
         leaks = jnp.asarray(cfg.alpha, dtype) ** jnp.exp(-cfg.leak_spread * z)
     return Structure(mask, sign, cell_type, leaks)
 
@@ -296,11 +298,11 @@ def init_params(cfg: ModelConfig, struct: Structure, key: jax.Array, dtype=jnp.f
     """
     k_in, k_rec, k_out = jax.random.split(key, 3)
     n = cfg.n_rec
-    w_in = jax.random.normal(k_in, (n, cfg.n_in), dtype) * math.sqrt(2.0 / cfg.n_in)
+    w_in = prng.normal(k_in, (n, cfg.n_in), dtype) * math.sqrt(2.0 / cfg.n_in)
     if cfg.init == "identity":
         w_rec = jnp.eye(n, dtype=dtype)
     else:
-        w_rec = jax.random.normal(k_rec, (n, n), dtype) * math.sqrt(2.0 / n)
+        w_rec = prng.normal(k_rec, (n, n), dtype) * math.sqrt(2.0 / n)
     if cfg.dale_exc_fraction is not None:
         ratio = cfg.n_exc / (n - cfg.n_exc)
         balance = jnp.where(struct.sign > 0, 1.0, ratio).astype(dtype)
@@ -308,7 +310,7 @@ def init_params(cfg: ModelConfig, struct: Structure, key: jax.Array, dtype=jnp.f
         w_rec = jnp.abs(w_rec) * struct.sign[None, :] * balance[None, :] * variance
     w_rec = w_rec * struct.rec_mask
     limit = math.sqrt(6.0 / (n + cfg.n_out))
-    w_out = jax.random.uniform(k_out, (cfg.n_out, n), dtype, -limit, limit)
+    w_out = prng.uniform(k_out, (cfg.n_out, n), dtype, -limit, limit)
     zeros = jnp.zeros((n,), dtype)
     return Params(
         w_in=w_in,

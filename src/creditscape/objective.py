@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from creditscape import prng
 from creditscape import model as _model
 from creditscape.model import ModelConfig, Params, Structure
 
@@ -164,9 +165,9 @@ def draw_noise(cfg: ModelConfig, batch: Batch, key: jax.Array) -> Noise:
     k_in, k_rec = jax.random.split(key)
     x = batch.x
     if cfg.input_noise > 0:
-        x = x + cfg.input_noise * jax.random.normal(k_in, x.shape, x.dtype)
+        x = x + cfg.input_noise * prng.normal(k_in, x.shape, x.dtype)
     xi = None
     if cfg.rec_noise > 0:
         shape = x.shape[:2] + (cfg.n_rec,)
-        xi = cfg.rec_noise * jax.random.normal(k_rec, shape, x.dtype)
+        xi = cfg.rec_noise * prng.normal(k_rec, shape, x.dtype)
     return Noise(x, xi)

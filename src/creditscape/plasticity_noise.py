@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from creditscape import prng
 from creditscape.model import Params
 
 WEIGHTS = ("w_in", "w_rec", "w_out")  # synapses; biases and the initial state are not
@@ -30,7 +31,7 @@ def perturb_weights(params: Params, level: float, key: jax.Array) -> Params:
     gradient there, and the update is applied to the unperturbed weights. (Absent connections and
     Dale's signs are restored by the caller's projection.)"""
     keys = dict(zip(WEIGHTS, jax.random.split(key, len(WEIGHTS))))
-    return params._replace(**{name: getattr(params, name) + level * jax.random.normal(
+    return params._replace(**{name: getattr(params, name) + level * prng.normal(
         keys[name], getattr(params, name).shape, getattr(params, name).dtype) for name in WEIGHTS})
 
 
@@ -50,6 +51,6 @@ def perturb_updates(updates: Params, level: float, scale: str, key: jax.Array) -
 
     def noisy(u, k):
         s = level if scale == "absolute" else level * jnp.linalg.norm(u) / jnp.sqrt(u.size)
-        return u + s * jax.random.normal(k, u.shape, u.dtype)
+        return u + s * prng.normal(k, u.shape, u.dtype)
 
     return jax.tree.unflatten(tree, [noisy(u, k) for u, k in zip(leaves, keys)])

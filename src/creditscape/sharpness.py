@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from creditscape import prng
 from creditscape.model import ModelConfig, Params, Structure
 from creditscape.objective import Batch, exact_loss
 
@@ -26,7 +27,7 @@ def _standard_normal_like(params: Params, key: jax.Array) -> Params:
     is its own copy of the random-bit generator in a compiled program, and on a CPU each copy
     takes a quarter of a second or more to compile."""
     flat, unravel = ravel_pytree(params)
-    return unravel(jax.random.normal(key, flat.shape, flat.dtype))
+    return unravel(prng.normal(key, flat.shape, flat.dtype))
 
 
 def _add(params, direction, scale):

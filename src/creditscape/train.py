@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
+from creditscape import prng
 from creditscape import model as _model
 from creditscape import stopping
 from creditscape._files import load_arrays, save_arrays
@@ -291,7 +292,7 @@ def make_iteration(cfg: ModelConfig, rule: Rule, tcfg: TrainConfig, batch_axis: 
     def iteration(state: TrainState, struct: Structure, train_set: Batch):
         rule_state = state.rule_state
         key, k_batch, k_noise = jax.random.split(state.key, 3)
-        idx = jax.random.randint(k_batch, (tcfg.batch_size,), 0, train_set.x.shape[0], dtype=jnp.int32)
+        idx = prng.randint(k_batch, (tcfg.batch_size,), 0, train_set.x.shape[0], dtype=jnp.int32)
         batch = jax.tree.map(lambda a: a[idx], train_set)
         noise = draw_noise(cfg, batch, k_noise)
         # The rule forms its gradient at the synapses, noisy or not (keys folded from the noise
@@ -711,7 +712,7 @@ def train_ensemble(
     evaluator = make_evaluator(cfg, rule, tcfg, probe)
     if probe is not None:
         dim = ravel_pytree(_select(jax.tree.map(lambda a: a[0], states.params), probe.block))[0].shape[0]
-        v = pad_members(jax.random.normal(jax.random.PRNGKey(n), (n, dim), train_set.x.dtype), members)
+        v = pad_members(prng.normal(jax.random.PRNGKey(n), (n, dim), train_set.x.dtype), members)
     else:
         v = jnp.zeros((members, 1), train_set.x.dtype)
     # Warm start of the next Lanczos: the last v₁ plus a tenth of the first (random) start, so that

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from creditscape import prng
 from creditscape import model as _model
 from creditscape.rules._base import Rule, register
 from creditscape.rules._core import (
@@ -95,7 +96,7 @@ class KeRNL(Rule):
 
     def learn(self, cfg, params, struct, state, batch, noise, *, key):
         bsz, n_steps = batch.x.shape[:2]
-        xi = jax.random.normal(key, (n_steps, bsz, cfg.n_rec), params.w_rec.dtype)
+        xi = prng.normal(key, (n_steps, bsz, cfg.n_rec), params.w_rec.dtype)
         kappa = state.decay
 
         def body(carry, inp):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-
+from creditscape import prng
 from creditscape.rules._base import Rule, register
 from creditscape.rules._core import trace_rule_offline, trace_rule_online
 from creditscape.rules._spiking import spiking_trace_online
@@ -77,7 +76,7 @@ class RandomEProp(Rule):
 
     def init(self, cfg, params, struct, *, key):
         limit = math.sqrt(6.0 / (cfg.n_rec + cfg.n_out))
-        return jax.random.uniform(key, (cfg.n_out, cfg.n_rec), params.w_out.dtype, -limit, limit)
+        return prng.uniform(key, (cfg.n_out, cfg.n_rec), params.w_out.dtype, -limit, limit)
 
     def gradient(self, cfg, params, struct, state, batch, noise, *, form):
         return _trace_rule(self.check_form(form), cfg, params, struct, batch, noise, state)

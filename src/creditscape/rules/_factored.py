@@ -24,6 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from creditscape import prng
 from creditscape import model as _model
 from creditscape.rules._base import Rule, register
 from creditscape.rules._core import (
@@ -85,14 +86,14 @@ class UORO(Rule):
         if params.s0 is None:  # M_0 = 0
             factors0 = (jnp.zeros((bsz, n), dtype), zeros_w, jnp.zeros((bsz, 0), dtype))
         else:  # M_0 = ∂s_0/∂θ = [0 | I on s0], estimated by ν_0 (ν_0ᵀ M_0)
-            nu0 = jax.random.rademacher(k_init, (bsz, n), dtype)
+            nu0 = prng.rademacher(k_init, (bsz, n), dtype)
             factors0 = (nu0, zeros_w, nu0)
 
         def advance(factors, s_prev, x_t, xi_t, k):
             u_tilde, theta_w, theta_s0 = factors
             step = lambda sp: _model.step(cfg, params, struct, sp, x_t, xi_t)
             (s, _, u), (j_u, _, _) = jax.jvp(step, (s_prev,), (u_tilde,))
-            nu = jax.random.rademacher(k, s.shape, dtype)
+            nu = prng.rademacher(k, s.shape, dtype)
             nu_imm = exists * ((nu * drive_slope(cfg, struct, u))[:, :, None] * presynaptic_input(cfg, s_prev, x_t)[:, None, :])
             rho0 = balance(_norm(theta_w, theta_s0), _norm(j_u))
             rho1 = balance(_norm(nu_imm), _norm(nu))
@@ -176,7 +177,7 @@ class KFRTRL(_KroneckerRule):
     @staticmethod
     def update(factors, jb, p, d, key):
         a, _ = factors
-        nu = jax.random.rademacher(key, (2, a.shape[0]), a.dtype)
+        nu = prng.rademacher(key, (2, a.shape[0]), a.dtype)
         rho0 = balance(_norm(jb), _norm(a))
         rho1 = balance(_norm(d), _norm(p))
         a = _column(nu[0] * rho0) * a + _column(nu[1] * rho1) * p
@@ -217,7 +218,7 @@ class ReverseKFRTRL(_KroneckerRule):
     @staticmethod
     def update(factors, jb, p, d, key):
         a, _ = factors
-        nu = jax.random.rademacher(key, a.shape, a.dtype)
+        nu = prng.rademacher(key, a.shape, a.dtype)
         projected = (nu * d)[:, :, None] * p[:, None, :]
         rho0 = balance(_norm(jb), _norm(a))
         rho1 = balance(_norm(projected), _norm(nu))
