@@ -3,10 +3,10 @@
 Each function here takes ``jax.random``'s arguments and returns the same numbers, bit for bit
 (tests/test_prng.py), by drawing ``shape``'s numbers as one flat vector and reshaping it: JAX's
 random bits depend only on an element's position in the flattened array. Why: XLA's CPU compiler
-spends 5–10× longer on a draw of a multi-dimensional shape, most with a short last axis, than on
-the same draw of a flat one — under ``vmap`` over 8 keys, 3.3 s against 0.45 s for a
+spends up to 5–10× longer on a draw of a multi-dimensional shape, worst with a short last axis,
+than on the same draw of a flat one — under ``vmap`` over 8 keys, 3.3 s against 0.45 s for a
 (1024, 10) normal draw and 2.2 s against 0.4 s for a (256, 30, 3) one (docs/performance.md,
-"Compiling"). Every compiled program draws through these.
+"Compiling"). Every random array of the package is drawn through these.
 """
 
 from __future__ import annotations
