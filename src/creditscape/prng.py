@@ -26,12 +26,12 @@ def normal(key: jax.Array, shape, dtype=float) -> jax.Array:
 
 
 def uniform(key: jax.Array, shape, dtype=float, minval=0.0, maxval=1.0) -> jax.Array:
-    """``jax.random.uniform(key, shape, dtype, minval, maxval)``."""
+    """``jax.random.uniform(key, shape, dtype, minval, maxval)``, for scalar bounds."""
     return jax.random.uniform(key, _flat(shape), dtype, minval, maxval).reshape(shape)
 
 
 def randint(key: jax.Array, shape, minval, maxval, dtype=int) -> jax.Array:
-    """``jax.random.randint(key, shape, minval, maxval, dtype)``."""
+    """``jax.random.randint(key, shape, minval, maxval, dtype)``, for scalar bounds."""
     return jax.random.randint(key, _flat(shape), minval, maxval, dtype).reshape(shape)
 
 
