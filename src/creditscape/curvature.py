@@ -239,9 +239,10 @@ class TraceEstimate(NamedTuple):
     stderr: jax.Array  # standard error of the estimate
 
 
-def rademacher(key: jax.Array, shape, dtype) -> jax.Array:
-    """±1 with equal probability. Drawn through int32 so that the draws do not depend on whether
-    JAX's 64-bit mode is on (``jax.random.rademacher`` goes through a default-precision float)."""
+def _probe_signs(key: jax.Array, shape, dtype) -> jax.Array:
+    """The trace estimators' ±1 probes. Drawn through int32 so that the draws do not depend on
+    whether JAX's 64-bit mode is on (``prng.rademacher``, like ``jax.random.rademacher``, goes
+    through a default-precision float; the rules keep those bits)."""
     return (2 * prng.randint(key, shape, 0, 2, dtype=jnp.int32) - 1).astype(dtype)
 
 
@@ -251,7 +252,7 @@ def hutchinson(matvec: Callable, dim: int, n: int, key: jax.Array, dtype=jnp.flo
     References: Hutchinson, "A stochastic estimator of the trace of the influence matrix for
     Laplacian smoothing splines", 1989.
     """
-    z = rademacher(key, (n, dim), dtype)
+    z = _probe_signs(key, (n, dim), dtype)
     samples = jax.vmap(lambda v: jnp.vdot(v, matvec(v)))(z)
     return TraceEstimate(samples.mean(), samples.std(ddof=1) / jnp.sqrt(n))
 
@@ -265,7 +266,7 @@ def hutch_plus_plus(matvec: Callable, dim: int, n: int, key: jax.Array, dtype=jn
     """
     m = max(n // 3, 2)
     mv = jax.vmap(matvec, in_axes=1, out_axes=1)
-    sketch, g = rademacher(key, (2, dim, m), dtype)
+    sketch, g = _probe_signs(key, (2, dim, m), dtype)
     q, _ = jnp.linalg.qr(mv(sketch))
     g = g - q @ (q.T @ g)
     # the projection's and the probes' products in one batch: one copy of the mat-vec in the program, not two
